@@ -1,0 +1,1 @@
+"""A PETL experiment suite for Referring Expression Comprehension, built around MaPPER."""

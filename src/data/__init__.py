@@ -1,0 +1,1 @@
+"""Data layer: split readers, transforms, tokenizers, the synthetic benchmark, datamodules."""
