@@ -1,0 +1,1 @@
+"""Models: the grounder, its encoders, the fusion head and the PEFT methods."""

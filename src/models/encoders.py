@@ -1,0 +1,247 @@
+"""Backbone wrappers: a timm ViT (DINOv2 family), a transformers BERT and a CLIP text prior.
+
+Each backbone is built from explicit architecture settings so that `pretrained: false` needs no hub
+access (tests and the synthetic job), and from the hub or a local path when `pretrained: true`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection
+
+
+@dataclass
+class VisionSettings:
+    """A timm ViT: `arch` names the architecture, the other fields override its sizes."""
+
+    arch: str = "vit_base_patch14_reg4_dinov2"
+    # Pretrained source when the model is built pretrained: a timm tag (e.g. "lvd142m"), a local
+    # checkpoint file, or null for timm's default tag of `arch`.
+    weights: str | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    reg_tokens: int | None = None
+    init_values: float | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The architecture overrides that are set, as timm keyword arguments."""
+        names = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "reg_tokens", "init_values")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+@dataclass
+class TextSettings:
+    """A BERT text encoder; `weights` is a hub id or local folder used when built pretrained."""
+
+    weights: str = "bert-base-uncased"
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PriorSettings:
+    """The CLIP text tower used as a frozen per-token prior; `weights` as for `TextSettings`."""
+
+    weights: str = "openai/clip-vit-base-patch16"
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+BERT_BASE = dict(
+    vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+    intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12,
+    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, hidden_act="gelu",
+)
+CLIP_B16_TEXT = dict(
+    vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+    num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    projection_dim=512, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+)
+
+
+class VisionEncoder(nn.Module):
+    """A timm ViT whose output keeps the class token and the patch tokens (registers are dropped)."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        if getattr(vit, "cls_token", None) is None:
+            raise ValueError("the vision encoder needs a class token (the grounder passes it on)")
+        self.vit = vit
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def patch_size(self) -> int:
+        return self.vit.patch_embed.patch_size[0]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.vit.patch_embed.grid_size)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Class token plus registers, as they sit in front of the patches inside the ViT."""
+        return self.vit.num_prefix_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens handed to the fusion: the class token and every patch."""
+        return 1 + self.grid[0] * self.grid[1]
+
+    @property
+    def blocks(self) -> nn.Sequential:
+        return self.vit.blocks
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit.forward_features(image)
+        return torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens :]], dim=1)
+
+
+class ZeroTokenType(nn.Module):
+    """Stands in for BERT's token-type table when the official model has none: adds exactly zero."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, token_type_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*token_type_ids.shape, self.dim, device=token_type_ids.device)
+
+
+class TextEncoder(nn.Module):
+    """BERT returning per-token features (B, L, D); adapters inside may read `condition`."""
+
+    def __init__(self, bert: BertModel) -> None:
+        super().__init__()
+        self.bert = bert
+        self.condition: ConditionSlot = ConditionSlot()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.bert.config.hidden_size
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.bert.encoder.layer
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        with self.condition.holding(condition):
+            out = self.bert(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+        return out.last_hidden_state
+
+
+class ConditionSlot:
+    """Carries a per-forward conditioning tensor (the CLIP prior) to adapters deep inside a backbone."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    @contextmanager
+    def holding(self, value: torch.Tensor | None) -> Iterator[None]:
+        self.value = value
+        try:
+            yield
+        finally:
+            self.value = None
+
+    def get(self) -> torch.Tensor:
+        if self.value is None:
+            raise RuntimeError("a prior-conditioned adapter ran without a prior")
+        return self.value
+
+
+class TextPrior(nn.Module):
+    """Frozen CLIP text tower: per-token features after the final LayerNorm, projected (B, L, P)."""
+
+    def __init__(self, clip: CLIPTextModelWithProjection, use_padding_mask: bool = True) -> None:
+        super().__init__()
+        self.clip = clip
+        self.use_padding_mask = use_padding_mask
+
+    @property
+    def dim(self) -> int:
+        return self.clip.config.projection_dim
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        limit = self.clip.config.max_position_embeddings
+        if ids.shape[1] > limit:
+            raise ValueError(f"query length {ids.shape[1]} exceeds CLIP's {limit} positions")
+        attention_mask = mask if self.use_padding_mask else None
+        hidden = self.clip.text_model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+        return self.clip.text_projection(hidden)
+
+
+def build_vit(settings: VisionSettings, image_size: int, pretrained: bool, drop_registers: bool) -> nn.Module:
+    """Create the timm ViT at `image_size`; without registers when `drop_registers` (official mode)."""
+    kwargs: dict[str, Any] = dict(img_size=image_size, num_classes=0, **settings.overrides())
+    if not drop_registers:
+        return _create_timm(settings, pretrained, **kwargs)
+    plain = timm.create_model(settings.arch, pretrained=False, **{**kwargs, "reg_tokens": 0, "no_embed_class": False})
+    if pretrained:
+        source = _create_timm(settings, True, **kwargs)
+        load_without_registers(plain, source.state_dict())
+    return plain
+
+
+def _create_timm(settings: VisionSettings, pretrained: bool, **kwargs: Any) -> nn.Module:
+    name, overlay = settings.arch, {}
+    if pretrained and settings.weights:
+        if Path(settings.weights).is_file():
+            overlay = {"pretrained_cfg_overlay": {"file": settings.weights}}
+        else:
+            name = f"{settings.arch}.{settings.weights}"
+    return timm.create_model(name, pretrained=pretrained, **overlay, **kwargs)
+
+
+def load_without_registers(plain: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a timm register-ViT's weights into the same ViT built without registers (official quirk).
+
+    timm folds the class token's position into `cls_token` for register models, so the class slot of
+    the plain model's position table is zero: the class token still gets exactly cls + pos[0].
+    """
+    state = {k: v for k, v in state.items() if k != "reg_token"}
+    pos = state["pos_embed"]
+    if pos.shape[1] == plain.pos_embed.shape[1] - 1:
+        state["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[2]), pos], dim=1)
+    plain.load_state_dict(state, strict=True)
+
+
+def bert_config(settings: TextSettings) -> BertConfig:
+    """The BERT architecture: bert-base-uncased's, updated by the configured overrides."""
+    return BertConfig(**{**BERT_BASE, **settings.config})
+
+
+def build_bert(settings: TextSettings, pretrained: bool, token_type: bool) -> BertModel:
+    """BERT without pooler; `token_type=False` swaps the token-type table for zeros (official)."""
+    config = bert_config(settings)
+    if pretrained:
+        bert = BertModel.from_pretrained(settings.weights, config=config, add_pooling_layer=False)
+    else:
+        bert = BertModel(config, add_pooling_layer=False)
+    if not token_type:
+        bert.embeddings.token_type_embeddings = ZeroTokenType(config.hidden_size)
+    return bert
+
+
+def clip_config(settings: PriorSettings) -> CLIPTextConfig:
+    """The CLIP text architecture: ViT-B/16's text tower, updated by the configured overrides."""
+    return CLIPTextConfig(**{**CLIP_B16_TEXT, **settings.config})
+
+
+def build_clip_text(settings: PriorSettings, pretrained: bool) -> CLIPTextModelWithProjection:
+    """Only CLIP's text tower and its projection are built (the image tower would be dead weight)."""
+    config = clip_config(settings)
+    if pretrained:
+        return CLIPTextModelWithProjection.from_pretrained(settings.weights, config=config)
+    return CLIPTextModelWithProjection(config)

@@ -1,0 +1,63 @@
+"""The vision-language fusion transformer (DETR-style, post-norm) and the box head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class FusionLayer(nn.Module):
+    """Post-norm self-attention layer; the position embedding is added to queries and keys only."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        qk = x + pos
+        attended = self.self_attn(qk, qk, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        x = self.norm1(x + self.dropout1(attended))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return self.norm2(x + self.dropout2(ffn))
+
+
+class FusionEncoder(nn.Module):
+    """A stack of `FusionLayer`s over [REG] + text + visual tokens.
+
+    `key_padding_mask` is either boolean (True = ignore that key) or float (added to the logits: the
+    official code passes its 0/1 padding mask as float, which adds +1 instead of masking).
+    """
+
+    def __init__(self, dim: int = 256, heads: int = 8, ffn_dim: int = 2048, layers: int = 6, dropout: float = 0.1):
+        super().__init__()
+        self.layers = nn.ModuleList(FusionLayer(dim, heads, ffn_dim, dropout) for _ in range(layers))
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, pos, key_padding_mask)
+        return x
+
+
+class BoxHead(nn.Module):
+    """Three-layer MLP (ReLU between) from the [REG] state to a sigmoid (cx, cy, w, h) box."""
+
+    def __init__(self, dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or dim
+        self.layers = nn.ModuleList([nn.Linear(dim, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x.sigmoid()

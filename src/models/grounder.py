@@ -1,0 +1,210 @@
+"""The grounder: image + phrase -> one box. Backbones, optional CLIP prior, PEFT modules, fusion, head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from src.models.encoders import (
+    PriorSettings,
+    TextEncoder,
+    TextPrior,
+    TextSettings,
+    VisionEncoder,
+    VisionSettings,
+    build_bert,
+    build_clip_text,
+    build_vit,
+)
+from src.models.fusion import BoxHead, FusionEncoder
+from src.models.peft.base import PeftMethod
+from src.models.quirks import ModelQuirks
+
+
+@dataclass
+class FusionSettings:
+    """Width, heads, FFN width, depth and dropout of the vision-language fusion transformer."""
+
+    dim: int = 256
+    heads: int = 8
+    ffn_dim: int = 2048
+    layers: int = 6
+    dropout: float = 0.1
+
+
+@dataclass
+class GrounderOutput:
+    """Predicted (cx, cy, w, h) boxes in [0, 1] of the padded canvas, and optional intermediates."""
+
+    boxes: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Grounder(nn.Module):
+    """MaPPER-shaped REC model; which parts train is decided by the PEFT method it was built with."""
+
+    def __init__(
+        self,
+        vision: VisionEncoder,
+        text: TextEncoder,
+        prior: TextPrior | None,
+        fusion: FusionSettings,
+        max_query_len: int,
+        quirks: ModelQuirks,
+        adapter_layers: dict[str, Sequence[int]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.vision, self.text, self.prior = vision, text, prior
+        self.quirks = quirks
+        self.max_query_len = max_query_len
+        self.adapter_layers = dict(adapter_layers or {})
+        self.text_merge: nn.Module | None = None
+        d = fusion.dim
+        self.visu_proj = nn.Linear(vision.embed_dim, d)
+        self.text_proj = nn.Linear(text.hidden_size, d)
+        self.reg_token = nn.Embedding(1, d)
+        self.pos_embed = nn.Embedding(1 + max_query_len + vision.num_output_tokens, d)
+        self.fusion = FusionEncoder(d, fusion.heads, fusion.ffn_dim, fusion.layers, fusion.dropout)
+        self.head = BoxHead(d)
+        self.tunable_backbone_names: list[str] = []
+        self.backbones_frozen = True
+
+    # --- PeftTarget -------------------------------------------------------------------------------
+    @property
+    def prior_dim(self) -> int:
+        if self.prior is None:
+            raise ValueError("this PEFT method needs the CLIP prior, but the grounder was built without one")
+        return self.prior.dim
+
+    def set_text_merge(self, module: nn.Module) -> None:
+        self.text_merge = module
+
+    def apply_peft(self, method: PeftMethod) -> None:
+        """Freeze the backbones and the prior, then let `method` inject and unfreeze what it trains."""
+        for backbone in (self.vision, self.text, self.prior):
+            if backbone is not None:
+                backbone.requires_grad_(False)
+        tunable = method.inject(self)
+        self.backbones_frozen = method.freezes_backbones
+        ids = {id(p) for m in tunable for p in m.parameters()}
+        self.tunable_backbone_names = [n for n, p in self.named_parameters() if id(p) in ids]
+
+    # --- forward ----------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> Grounder:
+        """Frozen backbones run without dropout in clean mode (the official code keeps BERT's on)."""
+        super().train(mode)
+        if mode and self.backbones_frozen:
+            frozen_text_dropout = self.quirks.frozen_text_dropout
+            for name, module in self.named_modules():
+                in_text = name.startswith("text.")
+                if isinstance(module, nn.Dropout) and name.startswith(("vision.", "text.", "prior.")):
+                    module.train(in_text and frozen_text_dropout)
+        return self
+
+    def patch_padding(self, pixel_mask: torch.Tensor) -> torch.Tensor:
+        """(B, S, S) pixel padding -> (B, 1 + H*W) token padding, the class token never padded."""
+        grid = self.vision.grid
+        m = pixel_mask[:, None].float()
+        if self.quirks.nearest_patch_mask:
+            patches = F.interpolate(m, size=grid) > 0.5  # top-left pixel of each patch decides
+        else:
+            patches = F.adaptive_avg_pool2d(m, grid) > 1 - 1e-6  # padding only when wholly padded
+        patches = patches.flatten(1)
+        return torch.cat([patches.new_zeros(patches.shape[0], 1), patches], dim=1)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        pixel_mask: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        prior_ids: torch.Tensor | None = None,
+        prior_mask: torch.Tensor | None = None,
+        return_features: bool = False,
+    ) -> GrounderOutput:
+        if text_ids.shape[1] != self.max_query_len:
+            raise ValueError(f"text length {text_ids.shape[1]} != model.max_query_len {self.max_query_len}")
+        visual = self.vision(image)
+        prior = self._prior(text_ids, text_mask, prior_ids, prior_mask)
+        text = self.text(text_ids, text_mask, condition=prior)
+        bert_out = text
+        if self.text_merge is not None:
+            text = self.text_merge(text, prior)
+        b = image.shape[0]
+        tokens = torch.cat(
+            [self.reg_token.weight.expand(b, -1, -1), self.text_proj(text), self.visu_proj(visual)], dim=1
+        )
+        padding = torch.cat(
+            [text_mask.new_zeros(b, 1, dtype=torch.bool), text_mask == 0, self.patch_padding(pixel_mask)], dim=1
+        )
+        key_padding = padding.to(tokens.dtype) if self.quirks.additive_fusion_mask else padding
+        fused = self.fusion(tokens, self.pos_embed.weight[None], key_padding)
+        boxes = self.head(fused[:, 0])
+        features = {}
+        if return_features:
+            features = {"visual": visual, "bert": bert_out, "pgt": text, "vl_reg": fused[:, 0]}
+            if prior is not None:
+                features["clip_prior"] = prior
+        return GrounderOutput(boxes=boxes, features=features)
+
+    def _prior(self, text_ids, text_mask, prior_ids, prior_mask) -> torch.Tensor | None:
+        if self.prior is None:
+            return None
+        if self.quirks.prior_from_bert_ids:
+            ids, mask = text_ids, None
+        else:
+            if prior_ids is None:
+                raise ValueError("the CLIP prior needs `prior_ids` (CLIP tokens) in clean mode")
+            ids, mask = prior_ids, prior_mask
+        with torch.no_grad():  # the prior is frozen and nothing trainable feeds it
+            return self.prior(ids, mask).float()
+
+    # --- bookkeeping ------------------------------------------------------------------------------
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by role: inside the vision backbone, inside the text backbone, the rest."""
+        groups: dict[str, list[nn.Parameter]] = {"vision": [], "text": [], "head": []}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            role = "vision" if name.startswith("vision.") else "text" if name.startswith("text.") else "head"
+            groups[role].append(p)
+        return groups
+
+
+def build_grounder(
+    peft: PeftMethod,
+    mode: str = "clean",
+    pretrained: bool = False,
+    image_size: int = 518,
+    max_query_len: int = 20,
+    vision: dict[str, Any] | None = None,
+    text: dict[str, Any] | None = None,
+    prior: dict[str, Any] | None = None,
+    fusion: dict[str, Any] | None = None,
+    adapter_layers: dict[str, Sequence[int]] | None = None,
+) -> Grounder:
+    """Build the grounder from plain settings (what Hydra passes) and apply the PEFT method.
+
+    `pretrained=False` builds every backbone from its architecture settings with random weights and
+    touches no network; `adapter_layers` is the default placement for methods that leave theirs unset.
+    """
+    quirks = ModelQuirks.for_mode(mode)
+    vs, ts, ps = VisionSettings(**(vision or {})), TextSettings(**(text or {})), PriorSettings(**(prior or {}))
+    vit = build_vit(vs, image_size, pretrained, drop_registers=quirks.drop_vision_registers)
+    if image_size % vit.patch_embed.patch_size[0]:
+        raise ValueError(f"image_size {image_size} is not a multiple of the patch size {vit.patch_embed.patch_size}")
+    bert = build_bert(ts, pretrained, token_type=not quirks.bert_without_token_type)
+    clip = None
+    if peft.uses_prior:
+        clip = TextPrior(build_clip_text(ps, pretrained), use_padding_mask=not quirks.prior_from_bert_ids)
+    model = Grounder(
+        VisionEncoder(vit), TextEncoder(bert), clip,
+        FusionSettings(**(fusion or {})), max_query_len, quirks, adapter_layers,
+    )
+    model.apply_peft(peft)
+    return model

@@ -1,0 +1,70 @@
+"""The one mechanism every PEFT method uses: the grounder freezes its backbones, the method injects
+its modules (and may unfreeze parts), and reports which modules count as tunable backbone parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from src.models.encoders import TextEncoder, VisionEncoder
+    from src.models.quirks import ModelQuirks
+
+
+class PeftTarget(Protocol):
+    """What a PEFT method may touch: the two backbones, the prior's width and the text-merge slot."""
+
+    vision: VisionEncoder
+    text: TextEncoder
+    quirks: ModelQuirks
+    adapter_layers: dict[str, Sequence[int]]
+
+    @property
+    def prior_dim(self) -> int: ...
+
+    def set_text_merge(self, module: nn.Module) -> None: ...
+
+
+class PeftMethod:
+    """Base of every method. Subclasses are dataclasses whose fields are the method's settings."""
+
+    # Whether the grounder must build the frozen CLIP text prior for this method.
+    uses_prior: bool = False
+    # Whether the method leaves the backbones frozen (their dropout is then off in clean mode).
+    freezes_backbones: bool = True
+
+    def inject(self, target: PeftTarget) -> list[nn.Module]:
+        """Insert the method's modules into `target`; return the modules that count as tunable backbone."""
+        raise NotImplementedError
+
+    @staticmethod
+    def layers_or_default(
+        layers: Sequence[int] | None, defaults: dict[str, Sequence[int]], which: str
+    ) -> Sequence[int]:
+        """The configured layer list, or the model's default placement for `which` backbone."""
+        if layers is not None:
+            return layers
+        if which not in defaults:
+            raise ValueError(f"no {which} adapter layers configured and the model gives no default")
+        return defaults[which]
+
+
+class Frozen(PeftMethod):
+    """Linear-probe style baseline: backbones frozen, only the fusion head trains."""
+
+    def inject(self, target: PeftTarget) -> list[nn.Module]:
+        return []
+
+
+class Full(PeftMethod):
+    """Full fine-tuning: every backbone parameter trains (the CLIP prior is not used)."""
+
+    freezes_backbones = False
+
+    def inject(self, target: PeftTarget) -> list[nn.Module]:
+        for module in (target.vision, target.text):
+            module.requires_grad_(True)
+        return [target.vision, target.text]

@@ -1,0 +1,148 @@
+"""MaPPER's PEFT modules: LoCA (vision), DyPA (text, prior-guided) and PGT (text-prior merge)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from src.models.encoders import ConditionSlot
+from src.models.peft.base import PeftMethod, PeftTarget
+from src.models.peft.injection import attach_text, attach_vision
+
+
+class LoCA(nn.Module):
+    """Local Convolution Adapter: a bottleneck whose patch rows pass through 1x1 and 1x1->3x3 convs.
+
+    z = ReLU(fc1(u)); the patch rows of z, as a (hidden, H, W) map, go through two conv branches whose
+    channels concatenate back to `hidden`; z is added as a residual; fc2 maps back to the model width.
+    """
+
+    def __init__(
+        self, dim: int, hidden: int, branch1: int, branch2_mid: int, branch2_out: int,
+        grid: tuple[int, int], num_prefix_tokens: int, doubled_prefix: bool, official_init: bool,
+    ) -> None:
+        super().__init__()
+        if branch1 + branch2_out != hidden:
+            raise ValueError(f"LoCA branches ({branch1} + {branch2_out}) must add up to hidden ({hidden})")
+        self.grid = grid
+        self.num_prefix_tokens = num_prefix_tokens
+        self.doubled_prefix = doubled_prefix
+        self.fc1 = nn.Linear(dim, hidden)
+        self.branch1 = _conv_bn(hidden, branch1, 1)
+        self.branch2 = nn.Sequential(_conv_bn(hidden, branch2_mid, 1), _conv_bn(branch2_mid, branch2_out, 3))
+        self.fc2 = nn.Linear(hidden, dim)
+        for fc in (self.fc1, self.fc2):
+            nn.init.zeros_(fc.bias)
+            if official_init:
+                nn.init.trunc_normal_(fc.weight, std=0.02)
+        if not official_init:
+            nn.init.kaiming_uniform_(self.fc1.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.fc2.weight)  # starts as an exact no-op on the frozen backbone
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        z = F.relu(self.fc1(u))
+        prefix, patches = z[:, : self.num_prefix_tokens], z[:, self.num_prefix_tokens :]
+        b, n, c = patches.shape
+        fmap = patches.transpose(1, 2).reshape(b, c, *self.grid)
+        local = torch.cat([self.branch1(fmap), self.branch2(fmap)], dim=1).flatten(2).transpose(1, 2)
+        head = prefix if self.doubled_prefix else torch.zeros_like(prefix)
+        return self.fc2(torch.cat([head, local], dim=1) + z)
+
+
+def _conv_bn(c_in: int, c_out: int, k: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2), nn.BatchNorm2d(c_out, eps=1e-3), nn.ReLU())
+
+
+class DyPA(nn.Module):
+    """Dynamic Prior Adapter: a bottleneck on BERT features, scaled per token by the CLIP prior.
+
+    delta = up(ReLU(down(LN(h)))) * ReLU(scale(LN(P))); P is read from the text encoder's condition slot.
+    """
+
+    def __init__(
+        self, dim: int, prior_dim: int, rank: int, slot: ConditionSlot, official_init: bool,
+    ) -> None:
+        super().__init__()
+        self.slot = slot
+        self.norm = nn.LayerNorm(dim)
+        self.prior_norm = nn.LayerNorm(prior_dim)
+        self.scale = nn.Linear(prior_dim, 1)
+        self.down = nn.Linear(dim, rank)
+        self.up = nn.Linear(rank, dim)
+        # The official module also builds a CLIP down-projection its forward never uses; official mode
+        # keeps it so that checkpoints load and parameter counts match (it trains nothing).
+        self.unused_prior_down = nn.Linear(prior_dim, rank) if official_init else None
+        for lin in (self.scale, self.down, self.up, self.unused_prior_down):
+            if lin is None:
+                continue
+            nn.init.zeros_(lin.bias)
+            if official_init:
+                nn.init.normal_(lin.weight, std=0.02)
+            else:
+                nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
+        if not official_init:
+            nn.init.zeros_(self.up.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        prior = self.slot.get()
+        gate = F.relu(self.scale(self.prior_norm(prior.float())))
+        return self.up(F.relu(self.down(self.norm(h)))) * gate
+
+
+class PGT(nn.Module):
+    """Prior-Guided Text: one linear map of [text features ; prior] back to the text width."""
+
+    def __init__(self, text_dim: int, prior_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(text_dim + prior_dim, text_dim)
+        nn.init.kaiming_uniform_(self.proj.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, text: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.cat([text, prior.to(text.dtype)], dim=-1))
+
+
+@dataclass
+class Mapper(PeftMethod):
+    """MaPPER: LoCA beside the MLP of chosen ViT blocks, DyPA in chosen BERT layers, PGT after BERT.
+
+    Layer lists left null take the model's `adapter_layers` (the paper: 3, 7, 11 of 12).
+    """
+
+    vision_layers: Sequence[int] | None = None
+    text_layers: Sequence[int] | None = None
+    rank: int = 32  # DyPA bottleneck width
+    loca_hidden: int = 288  # LoCA bottleneck width = loca_branch1 + loca_branch2_out
+    loca_branch1: int = 192  # 1x1 conv branch channels
+    loca_branch2_mid: int = 24  # 1x1 reduction before the 3x3 conv
+    loca_branch2_out: int = 96  # 3x3 conv branch channels
+    loca_scale: float = 0.2  # weight of LoCA's output beside the MLP
+
+    uses_prior = True
+
+    def inject(self, target: PeftTarget) -> list[nn.Module]:
+        vision, text, quirks = target.vision, target.text, target.quirks
+        vision_layers = self.layers_or_default(self.vision_layers, target.adapter_layers, "vision")
+        text_layers = self.layers_or_default(self.text_layers, target.adapter_layers, "text")
+        loca = attach_vision(
+            vision.blocks, vision_layers,
+            lambda: LoCA(
+                vision.embed_dim, self.loca_hidden, self.loca_branch1, self.loca_branch2_mid,
+                self.loca_branch2_out, vision.grid, vision.num_prefix_tokens,
+                quirks.loca_doubled_prefix, quirks.loca_official_init,
+            ),
+            self.loca_scale,
+        )
+        dypa = attach_text(
+            text.layers, text_layers,
+            lambda: DyPA(text.hidden_size, target.prior_dim, self.rank, text.condition, quirks.dypa_official_init),
+            quirks.dypa_after_ffn_norm,
+        )
+        pgt = PGT(text.hidden_size, target.prior_dim)
+        target.set_text_merge(pgt)
+        return [*loca, *dypa, pgt]

@@ -1,0 +1,48 @@
+"""Every behaviour of the official MaPPER code that differs from the paper's intent, in one place.
+
+`model.mode=clean` (default) turns every quirk off; `model.mode=official` turns every quirk on, so
+that official checkpoints load and compute exactly what the official code computes. Modules receive
+the single flags they need; nothing else in the code asks which mode is active.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+Mode = Literal["clean", "official"]
+MODES: tuple[str, ...] = ("clean", "official")
+
+
+@dataclass(frozen=True)
+class ModelQuirks:
+    """Switches for the official model's numerically relevant quirks (mapper-spec §6)."""
+
+    # §6.1b: the CLIP prior is fed BERT WordPiece ids instead of CLIP BPE ids, with no padding mask.
+    prior_from_bert_ids: bool = False
+    # §6.2: the fusion key-padding mask is a float tensor, adding +1 to padded keys' logits.
+    additive_fusion_mask: bool = False
+    # §6.3: DINOv2 runs without its register tokens (the reg4 weights lose their registers).
+    drop_vision_registers: bool = False
+    # §6.10: LoCA copies z's CLS row into its conv output and then adds z again (2·z_cls).
+    loca_doubled_prefix: bool = False
+    # §6.6: BERT has no token-type embedding (the pretrained segment-0 row is never added).
+    bert_without_token_type: bool = False
+    # §1.5: DyPA's output is added after the FFN block's residual + LayerNorm, not before it.
+    dypa_after_ffn_norm: bool = False
+    # §6.5: DyPA keeps its dead CLIP down-projection and gets HF's N(0, 0.02) init (up-proj not zero).
+    dypa_official_init: bool = False
+    # §1.9: LoCA's linear layers get trunc_normal(0.02) init (not zero), as timm's init re-runs.
+    loca_official_init: bool = False
+    # §1.2: a patch is padding iff its top-left pixel is (nearest resize), not iff all its pixels are.
+    nearest_patch_mask: bool = False
+    # §6.6: frozen BERT keeps its dropout active in training.
+    frozen_text_dropout: bool = False
+
+    @classmethod
+    def for_mode(cls, mode: str) -> ModelQuirks:
+        """All quirks off for `clean`, all on for `official`."""
+        if mode not in MODES:
+            raise ValueError(f"model.mode must be one of {MODES}, got {mode!r}")
+        on = mode == "official"
+        return cls(**{f.name: on for f in fields(cls)})
