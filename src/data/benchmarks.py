@@ -41,7 +41,9 @@ class BenchmarkSpec:
     def check_split(self, split: str) -> None:
         """Fail early, naming the benchmark, when a split is not one it has."""
         if self.splits and split not in self.splits:
-            raise ValueError(f"benchmark {self.key!r} has no split {split!r}; its splits are {list(self.splits)}")
+            raise ValueError(
+                f"benchmark {self.key!r} has no split {split!r}; its splits are {list(self.splits)}"
+            )
 
 
 _COCO_SPLITS = ("train", "val", "testA", "testB", "trainval")
@@ -52,7 +54,9 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         BenchmarkSpec("unc", _COCO_SPLITS, "xywh", "5-tuple", COCO_IMAGES, ("refcoco", "unc")),
         BenchmarkSpec("unc+", _COCO_SPLITS, "xywh", "5-tuple", COCO_IMAGES, ("refcoco+", "unc")),
         BenchmarkSpec("gref", ("train", "val"), "xywh", "5-tuple", COCO_IMAGES, ("refcocog", "google")),
-        BenchmarkSpec("gref_umd", ("train", "val", "test"), "xywh", "5-tuple", COCO_IMAGES, ("refcocog", "umd")),
+        BenchmarkSpec(
+            "gref_umd", ("train", "val", "test"), "xywh", "5-tuple", COCO_IMAGES, ("refcocog", "umd")
+        ),
         BenchmarkSpec("referit", ("train", "val", "test", "trainval"), "xyxy", "5-tuple", "referit/images"),
         BenchmarkSpec("flickr", ("train", "val", "test"), "xyxy", "3-tuple", "Flickr30k/flickr30k_images"),
         BenchmarkSpec("synthetic", ("train", "val", "test"), "xyxy", "5-tuple", "images"),

@@ -49,7 +49,10 @@ SPLIT_FILE_GLOBALS: list[Any] = [
     _codecs.encode,
 ]
 
-_GLOBAL_IN_ERROR = (re.compile(r"GLOBAL (\S+) was not an allowed global"), re.compile(r"but got <class '([^']+)'>"))
+_GLOBAL_IN_ERROR = (
+    re.compile(r"GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"but got <class '([^']+)'>"),
+)
 
 
 class SplitFileError(ValueError):
@@ -246,7 +249,7 @@ def _quiet_coco(path: Path) -> Any:
 
 
 def _ref_records(ref: Any, coco: Any, where: str, int_boxes: bool) -> list[Record]:
-    """One Record per sentence of one ref: COCO train2014 file name, the annotation's box, sentence['sent']."""
+    """One Record per sentence of a ref: COCO train2014 file name, the annotation's box, sentence['sent']."""
     try:
         box = to_xyxy(_as_box(coco.anns[ref["ann_id"]]["bbox"], where), "xywh", int_boxes)
         image = f"COCO_train2014_{int(ref['image_id']):012d}.jpg"
@@ -311,6 +314,18 @@ def _jsonl_header_format(obj: Any, where: str) -> str | None:
     return str(obj["box_format"])
 
 
+def jsonl_declared_format(path: str | Path) -> str | None:
+    """The box format a JSONL file declares on its first non-blank line, or None."""
+    with Path(path).open(encoding="utf-8") as file:
+        for lineno, line in enumerate(file, start=1):
+            if line.strip():
+                try:
+                    return _jsonl_header_format(json.loads(line), f"{path}:{lineno}")
+                except json.JSONDecodeError:
+                    return None
+    return None
+
+
 def read_jsonl(path: str | Path, box_format: str | None = None, int_boxes: bool = False) -> list[Record]:
     """Read a JSON Lines split; a first line {"box_format": "xywh"} overrides the box_format setting."""
     path = Path(path)
@@ -331,8 +346,7 @@ def read_jsonl(path: str | Path, box_format: str | None = None, int_boxes: bool 
             continue
         if box_format is None:
             raise SplitFileError(
-                f"{where}: box format not declared; start the file with {{\"box_format\": \"xyxy\"}} "
-                "or set data.box_format"
+                f'{where}: box format not declared; start the file with {{"box_format": "xyxy"}} or set data.box_format'
             )
         records.append(_jsonl_record(obj, box_format, int_boxes, where))
     return records

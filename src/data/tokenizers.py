@@ -34,9 +34,14 @@ CLIP_SOT = "<|startoftext|>"
 CLIP_EOT = "<|endoftext|>"
 CLIP_MERGES_HEADER = "#version: 0.2"
 # OpenAI CLIP's word pattern (compiled with IGNORECASE, as OpenAI does).
-CLIP_WORD_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+CLIP_WORD_PATTERN = "|".join(
+    [r"<\|startoftext\|>", r"<\|endoftext\|>", "'s", "'t", "'re", "'ve", "'m", "'ll", "'d"]
+    + [r"[\p{L}]+", r"[\p{N}]", r"[^\s\p{L}\p{N}]+"]
+)
 
 _WHITESPACE = re.compile(r"\s+")
+# The official loader's sentence-pair syntax (TransVG's read_examples): "A ||| B".
+_BERT_PAIR = re.compile(r"^(.*) \|\|\| (.*)$")
 
 
 def _check_max_len(max_len: int) -> None:
@@ -45,14 +50,13 @@ def _check_max_len(max_len: int) -> None:
         raise ValueError(f"max_len must be at least 2 (room for the two special tokens), got {max_len}")
 
 
-def _pack(pieces: Sequence[Sequence[int]], max_len: int, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncate each id list to max_len - 2, wrap it in first/last and zero-pad, as the MaPPER loader does."""
-    ids = torch.zeros(len(pieces), max_len, dtype=torch.long)
-    mask = torch.zeros(len(pieces), max_len, dtype=torch.long)
-    for row, seq in enumerate(pieces):
-        full = [first, *list(seq)[: max_len - 2], last]
-        ids[row, : len(full)] = torch.tensor(full, dtype=torch.long)
-        mask[row, : len(full)] = 1
+def _pad(rows: Sequence[Sequence[int]], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad id lists (each at most max_len long) into (ids, mask) LongTensors; mask 1 = real token."""
+    ids = torch.zeros(len(rows), max_len, dtype=torch.long)
+    mask = torch.zeros(len(rows), max_len, dtype=torch.long)
+    for row, seq in enumerate(rows):
+        ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
     return ids, mask
 
 
@@ -85,7 +89,7 @@ class BertWordPiece:
         self.vocab_path = Path(vocab_path) if vocab_path is not None else BERT_VOCAB
         vocab = read_bert_vocab(self.vocab_path)
         # transformers 5 ignores `vocab_file=`; the vocabulary must be handed over as `vocab=`.
-        self.hf = BertTokenizer(vocab=vocab, do_lower_case=True, tokenize_chinese_chars=True, strip_accents=None)
+        self.hf = BertTokenizer(vocab=vocab, do_lower_case=True, strip_accents=None)
         if self.hf.vocab_size != len(vocab) or self.hf.convert_tokens_to_ids("[SEP]") != vocab["[SEP]"]:
             raise RuntimeError(f"transformers did not take the vocabulary from {self.vocab_path}")
         self.vocab_size: int = len(vocab)
@@ -95,7 +99,7 @@ class BertWordPiece:
         self.sep_id: int = vocab["[SEP]"]
 
     def pieces(self, phrases: Sequence[str] | str) -> list[list[int]]:
-        """WordPiece ids of each phrase (lower-cased and stripped first), without special tokens or truncation."""
+        """WordPiece ids of each phrase (lower-cased, stripped), without special tokens or truncation."""
         texts = [p.lower().strip() for p in _as_list(phrases)]
         if not texts:
             return []
@@ -105,10 +109,38 @@ class BertWordPiece:
         """WordPiece strings of one phrase, without special tokens, for inspection and tests."""
         return self.hf.convert_ids_to_tokens(self.pieces(phrase)[0])
 
-    def __call__(self, phrases: Sequence[str] | str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (ids, mask), each LongTensor (B, max_len): [CLS] + first max_len-2 pieces + [SEP], 0-padded."""
+    def encode(self, phrases: Sequence[str] | str, max_len: int) -> list[list[int]]:
+        """Unpadded id lists, built exactly like the official loader (read_examples + convert_examples).
+
+        A phrase is `[CLS] a [SEP]` with a truncated to max_len-2 pieces. As in the official loader, a
+        (stripped) phrase of the form "A ||| B" is a sentence pair: `[CLS] a [SEP] b [SEP]`, the longer of
+        a and b losing its last piece until both fit in max_len-3 (RefCOCO phrases never contain " ||| ").
+        """
         _check_max_len(max_len)
-        return _pack(self.pieces(phrases), max_len, self.cls_id, self.sep_id)
+        texts = [p.lower().strip() for p in _as_list(phrases)]
+        parts: list[tuple[str, str | None]] = []
+        for text in texts:
+            pair = _BERT_PAIR.match(text)
+            parts.append((pair.group(1), pair.group(2)) if pair else (text, None))
+        flat = [segment for a, b in parts for segment in ((a,) if b is None else (a, b))]
+        encoded = iter(self.hf(flat, add_special_tokens=False)["input_ids"] if flat else [])
+        rows: list[list[int]] = []
+        for _, b in parts:
+            first = list(next(encoded))
+            second = list(next(encoded)) if b is not None else []
+            if not second:
+                rows.append([self.cls_id, *first[: max_len - 2], self.sep_id])
+                continue
+            if max_len < 3:
+                raise ValueError(f"max_len must be at least 3 for a sentence pair, got {max_len}")
+            while len(first) + len(second) > max_len - 3:
+                (first if len(first) > len(second) else second).pop()
+            rows.append([self.cls_id, *first, self.sep_id, *second, self.sep_id])
+        return rows
+
+    def __call__(self, phrases: Sequence[str] | str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (ids, mask), LongTensors (B, max_len): [CLS] + first max_len-2 pieces + [SEP], 0-padded."""
+        return _pad(self.encode(phrases, max_len), max_len)
 
 
 def bert_tokenizer(vocab_path: str | Path | None = None) -> BertWordPiece:
@@ -126,7 +158,11 @@ def bytes_to_unicode() -> dict[int, str]:
     from U+0100 on, so that no byte maps to whitespace or a control character. The dict's order (printable
     bytes first, then the others) is the order of the first 256 vocabulary entries.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     others = [byte for byte in range(256) if byte not in printable]
     table = {byte: chr(byte) for byte in printable}
     table.update({byte: chr(256 + n) for n, byte in enumerate(others)})
@@ -245,7 +281,7 @@ class ClipBPE:
     def __call__(self, phrases: Sequence[str] | str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (ids, mask), each LongTensor (B, max_len): SOT + first max_len-2 tokens + EOT, 0-padded."""
         _check_max_len(max_len)
-        return _pack(self.pieces(phrases), max_len, self.sot_id, self.eot_id)
+        return _pad([[self.sot_id, *p[: max_len - 2], self.eot_id] for p in self.pieces(phrases)], max_len)
 
 
 def clip_tokenizer(folder: str | Path | None = None, use_ftfy: bool = False) -> ClipBPE:
@@ -253,4 +289,5 @@ def clip_tokenizer(folder: str | Path | None = None, use_ftfy: bool = False) -> 
     return ClipBPE(folder, use_ftfy)
 
 
+# The contract's type: tok(phrases, max_len) -> (ids, mask).
 Tokenizer = Callable[[Sequence[str], int], tuple[torch.Tensor, torch.Tensor]]

@@ -24,6 +24,7 @@ from src.models.encoders import (
 from src.models.fusion import BoxHead, FusionEncoder
 from src.models.peft.base import PeftMethod
 from src.models.quirks import ModelQuirks
+from src.params import BackboneReference
 
 
 @dataclass
@@ -73,6 +74,8 @@ class Grounder(nn.Module):
         self.head = BoxHead(d)
         self.tunable_backbone_names: list[str] = []
         self.backbones_frozen = True
+        # The backbone architectures this model was built from (for the parameter report).
+        self.reference: BackboneReference | None = None
 
     # --- PeftTarget -------------------------------------------------------------------------------
     @property
@@ -206,5 +209,6 @@ def build_grounder(
         VisionEncoder(vit), TextEncoder(bert), clip,
         FusionSettings(**(fusion or {})), max_query_len, quirks, adapter_layers,
     )
+    model.reference = BackboneReference(vs, ts, image_size)
     model.apply_peft(peft)
     return model

@@ -1,0 +1,17 @@
+"""Composing the suite's Hydra configuration outside `src.run` (CLIs, tests, notebooks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import DictConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """The run configuration with `overrides` applied, as `python -m src.run` would see it."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=False)

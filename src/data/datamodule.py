@@ -1,0 +1,293 @@
+"""One LightningDataModule for every benchmark, built by Hydra from `conf/data/<name>.yaml`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from src.data.benchmarks import BOX_FORMATS, BenchmarkSpec, get_benchmark
+from src.data.dataset import RecordDataset, collate
+from src.data.readers import is_degenerate, read_jsonl, read_refer, read_transvg
+from src.data.records import Record
+from src.data.tokenizers import bert_tokenizer, clip_tokenizer
+from src.data.transforms import MODES, AugmentSettings, build_transform
+
+log = logging.getLogger(__name__)
+
+SPLIT_FORMATS = ("transvg", "refer", "jsonl")
+
+
+@dataclass(frozen=True)
+class ReaderSettings:
+    """How split files are read; None values follow the benchmark and the mode."""
+
+    # "transvg" (.pth split files), "refer" (refs(<splitBy>).p + instances.json), "jsonl"; None = benchmark's.
+    format: str | None = None
+    # Box format in the split files: "xyxy" | "xywh" | "auto" (detect); None = the benchmark's declared one.
+    box_format: str | None = None
+    # Truncate stored box numbers to ints before conversion (the official loader); None = official mode.
+    int_boxes: bool | None = None
+    # Drop records whose box has zero or negative size (always logged and counted).
+    drop_degenerate: bool = True
+    # Folder holding <refcoco|refcoco+|refcocog>/refs(<splitBy>).p for format "refer"; None = split_root.
+    refer_root: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None) -> ReaderSettings:
+        """Build from a config mapping, rejecting unknown keys."""
+        config = dict(config or {})
+        unknown = set(config) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown reader settings {sorted(unknown)}")
+        return cls(**config)
+
+
+def split_degenerate(records: Sequence[Record]) -> tuple[list[Record], list[int]]:
+    """Separate records with degenerate boxes: (kept records, indices of the degenerate ones)."""
+    bad = [i for i, r in enumerate(records) if is_degenerate(r.box)]
+    bad_set = set(bad)
+    return [r for i, r in enumerate(records) if i not in bad_set], bad
+
+
+class GroundingDataModule(L.LightningDataModule):
+    """Reads a benchmark's splits (TransVG .pth, REFER, JSONL or the synthetic generator) into loaders."""
+
+    def __init__(
+        self,
+        dataset: str,
+        split_root: str | None = None,
+        image_root: str | None = None,
+        data_root: str | None = None,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_splits: Sequence[str] = ("val",),
+        batch_size: int = 32,
+        num_workers: int = 4,
+        image_size: int = 518,
+        max_query_len: int = 20,
+        mode: str = "clean",
+        augment: Mapping[str, Any] | None = None,
+        reader: Mapping[str, Any] | None = None,
+        bert_vocab: str | None = None,
+        clip_vocab: str | None = None,
+        cache_dir: str | None = None,
+        synthetic: Mapping[str, Any] | None = None,
+        drop_last: bool = True,
+        pin_memory: bool = False,
+        shuffle_text_seed: int = 0,
+    ) -> None:
+        """Store the settings; nothing is read until prepare_data/setup."""
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.spec: BenchmarkSpec = get_benchmark(dataset)
+        self.train_split, self.val_split = train_split, val_split
+        self.test_splits = list(test_splits)
+        for split in (train_split, val_split, *self.test_splits):
+            self.spec.check_split(split)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.image_size, self.max_query_len, self.mode = image_size, max_query_len, mode
+        self.augment = AugmentSettings.from_config(augment)
+        self.reader = ReaderSettings.from_config(reader)
+        self.bert_vocab, self.clip_vocab = bert_vocab, clip_vocab
+        self.cache_dir, self.synthetic = cache_dir, dict(synthetic or {})
+        self.drop_last, self.pin_memory, self.shuffle_text_seed = drop_last, pin_memory, shuffle_text_seed
+        self._split_root, self._image_root, self._data_root = split_root, image_root, data_root
+        self._synthetic_root: Path | None = None
+        self._tokenizers: tuple[Any, Any] | None = None
+        self.datasets: dict[str, RecordDataset] = {}
+        self.dropped: dict[str, int] = {}
+
+    # ------------------------------------------------------------------------------------------ roots
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic benchmark (cached) when it is the dataset; real data is read in place."""
+        if self.spec.key == "synthetic":
+            self.synthetic_root()
+
+    def synthetic_root(self) -> Path:
+        """Folder of the generated synthetic benchmark (ensure_synthetic is cached by its settings)."""
+        if self._synthetic_root is None:
+            from src.data.synthetic import ensure_synthetic
+
+            if self.cache_dir is None:
+                raise ValueError("data.cache_dir must be set for the synthetic benchmark")
+            self._synthetic_root = Path(ensure_synthetic(self.cache_dir, **self.synthetic))
+        return self._synthetic_root
+
+    @property
+    def data_root(self) -> Path | None:
+        """The data root the benchmark's default image folder is relative to (None when not set)."""
+        return None if self._data_root is None else Path(self._data_root)
+
+    @property
+    def split_root(self) -> Path:
+        """Folder of the split files (for synthetic: the generated `splits/`)."""
+        if self.spec.key == "synthetic":
+            return self.synthetic_root() / "splits"
+        if self._split_root is None:
+            raise ValueError(f"data.split_root must be set for benchmark {self.spec.key!r}")
+        return Path(self._split_root)
+
+    @property
+    def image_root(self) -> Path:
+        """Folder the records' image files are relative to (default: data_root / the benchmark's folder)."""
+        if self.spec.key == "synthetic" and self._image_root is None:
+            return self.synthetic_root() / self.spec.image_dir
+        if self._image_root is not None:
+            return Path(self._image_root)
+        if self.data_root is None or not self.spec.image_dir:
+            raise ValueError(f"set data.image_root (or data.data_root) for benchmark {self.spec.key!r}")
+        return self.data_root / self.spec.image_dir
+
+    # ------------------------------------------------------------------------------------------ reading
+
+    @property
+    def split_format(self) -> str:
+        """The split-file format in use: the reader setting, else the benchmark's."""
+        fmt = self.reader.format or ("jsonl" if self.spec.record_shape == "jsonl" else "transvg")
+        if fmt not in SPLIT_FORMATS:
+            raise ValueError(f"data.reader.format must be one of {SPLIT_FORMATS}, got {fmt!r}")
+        if fmt == "refer" and self.spec.refer is None:
+            raise ValueError(f"benchmark {self.spec.key!r} has no REFER-format release; use format transvg")
+        return fmt
+
+    @property
+    def int_boxes(self) -> bool:
+        """Whether boxes are int-truncated on reading (default: in official mode, as the official loader)."""
+        return self.mode == "official" if self.reader.int_boxes is None else self.reader.int_boxes
+
+    @property
+    def box_format(self) -> str | None:
+        """Box format passed to the readers; None = detect from the boxes."""
+        fmt = self.reader.box_format or self.spec.box_format
+        if fmt == "auto":
+            return None
+        if fmt not in BOX_FORMATS:
+            raise ValueError(f"data.reader.box_format must be one of {(*BOX_FORMATS, 'auto')}, got {fmt!r}")
+        return fmt
+
+    def _refer_source(self) -> tuple[Path, str, str]:
+        """(REFER root, REFER dataset name, splitBy) for format "refer"."""
+        name, split_by = self.spec.refer or ("", "")
+        return Path(self.reader.refer_root or self.split_root), name, split_by
+
+    def split_file(self, split: str) -> Path:
+        """The file a split is read from (for REFER: the refs pickle)."""
+        if self.split_format == "refer":
+            root, name, split_by = self._refer_source()
+            return root / name / f"refs({split_by}).p"
+        return self.spec.split_file(self.split_root, split)
+
+    def read_split(self, split: str) -> list[Record]:
+        """All records of a split as stored (nothing dropped), boxes converted to float xyxy."""
+        fmt = self.split_format
+        if fmt == "refer":
+            return read_refer(*self._refer_source(), split, self.int_boxes)
+        if fmt == "jsonl":
+            return read_jsonl(self.split_file(split), self.box_format, self.int_boxes)
+        return read_transvg(self.split_file(split), self.box_format, self.int_boxes)
+
+    def usable_records(self, split: str) -> list[Record]:
+        """A split's records minus degenerate boxes (if drop_degenerate), logged and counted in `dropped`."""
+        records = self.read_split(split)
+        if not self.reader.drop_degenerate:
+            return records
+        kept, bad = split_degenerate(records)
+        self.dropped[split] = len(bad)
+        if bad:
+            log.warning(
+                "%s/%s: dropped %d of %d records with a zero or negative size box (first: record %d, %s)",
+                self.spec.key,
+                split,
+                len(bad),
+                len(records),
+                bad[0],
+                records[bad[0]],
+            )
+        return kept
+
+    # ------------------------------------------------------------------------------------------ datasets
+
+    def tokenizers(self) -> tuple[Any, Any]:
+        """(BERT, CLIP) tokenizers from the configured vocabularies (None = the bundled ones), built once."""
+        if self._tokenizers is None:
+            self._tokenizers = (bert_tokenizer(self.bert_vocab), clip_tokenizer(self.clip_vocab))
+        return self._tokenizers
+
+    def make_dataset(self, split: str, train: bool, phrase_permutation_seed: int | None = None) -> RecordDataset:
+        """A RecordDataset over a split's usable records with the train or eval transform."""
+        bert, clip = self.tokenizers()
+        transform = build_transform(train, self.image_size, self.augment, self.mode)
+        return RecordDataset(
+            self.usable_records(split),
+            self.image_root,
+            transform,
+            bert,
+            clip,
+            self.max_query_len,
+            phrase_permutation_seed,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets the stage needs (fit: train + val; validate: val; test: the test splits)."""
+        wanted: list[tuple[str, bool]] = []
+        if stage in (None, "fit"):
+            wanted += [(self.train_split, True), (self.val_split, False)]
+        if stage in (None, "validate"):
+            wanted.append((self.val_split, False))
+        if stage in (None, "test", "predict"):
+            wanted += [(split, False) for split in self.test_splits]
+        for split, train in wanted:
+            key = f"train:{split}" if train else split
+            if key not in self.datasets:
+                self.datasets[key] = self.make_dataset(split, train)
+
+    # ------------------------------------------------------------------------------------------ loaders
+
+    def _loader(self, dataset: RecordDataset, train: bool) -> DataLoader:
+        """A DataLoader with the Batch collate; shuffled and dropping the last partial batch when training."""
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            collate_fn=collate,
+        )
+
+    def _dataset(self, key: str, split: str, train: bool) -> RecordDataset:
+        """A dataset built by setup, or built now when setup did not cover it."""
+        if key not in self.datasets:
+            self.datasets[key] = self.make_dataset(split, train)
+        return self.datasets[key]
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, augmented loader over the train split."""
+        return self._loader(self._dataset(f"train:{self.train_split}", self.train_split, True), train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Loader over the val split (eval transform)."""
+        return self._loader(self._dataset(self.val_split, self.val_split, False), train=False)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per test split, in `test_splits` order (names in `test_split_names`)."""
+        return [self._loader(self._dataset(s, s, False), train=False) for s in self.test_splits]
+
+    @property
+    def test_split_names(self) -> list[str]:
+        """Names of the test loaders, index-aligned with test_dataloader()."""
+        return list(self.test_splits)
+
+    def shuffled_text_dataloader(self, split: str) -> DataLoader:
+        """Eval loader over a split whose phrases are deranged across records (language-reliance check)."""
+        self.spec.check_split(split)
+        return self._loader(self.make_dataset(split, False, self.shuffle_text_seed), train=False)

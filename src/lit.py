@@ -1,0 +1,100 @@
+"""The LightningModule: trains a Grounder with the grounding loss, evaluates Acc@0.5 per split."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from src.losses import GroundingLoss
+from src.metrics import GroundingAccuracy
+from src.models.grounder import Grounder, GrounderOutput
+
+MODEL_INPUTS = ("image", "pixel_mask", "text_ids", "text_mask", "prior_ids", "prior_mask")
+
+
+class GroundingModule(L.LightningModule):
+    """Wraps a Grounder: loss, optimiser groups, validation on `val`, testing on named splits.
+
+    Metric keys are `train/loss`, `val/acc50`, `val/miou` and `test_<split>/acc50` etc., where the
+    test split names come from `test_split_names` (set by the runner to the datamodule's splits).
+    """
+
+    def __init__(
+        self,
+        model: Grounder,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_interval: str = "epoch",
+        group_lr: dict[str, float] | None = None,
+        loss: GroundingLoss | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "loss"], logger=False)
+        self.model = model
+        self.loss = loss or GroundingLoss()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.group_lr = dict(group_lr or {})
+        self.val_metric = GroundingAccuracy()
+        self.test_split_names: list[str] = ["test"]
+        self.test_metrics = nn.ModuleList()
+
+    def forward(self, batch: dict[str, Any], return_features: bool = False) -> GrounderOutput:
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        return self.model(**inputs, return_features=return_features)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self.loss(self(batch).boxes, batch["box"])
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(batch["box"]))
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(batch["box"]))
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        pred = self(batch).boxes
+        self.log("val/loss", self.loss(pred, batch["box"])["loss"], batch_size=len(pred), sync_dist=True)
+        self.val_metric.update(pred, batch["box"])
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.val_metric.compute()
+        self.log("val/acc50", scores["acc50"], prog_bar=True)
+        self.log("val/miou", scores["miou"])
+        self.val_metric.reset()
+
+    def set_test_splits(self, names: Sequence[str]) -> None:
+        """Name the test dataloaders (in order); one metric per split."""
+        self.test_split_names = list(names)
+
+    def on_test_start(self) -> None:
+        self.test_metrics = nn.ModuleList(GroundingAccuracy() for _ in self.test_split_names).to(self.device)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.test_metrics[dataloader_idx].update(self(batch).boxes, batch["box"])
+
+    def on_test_epoch_end(self) -> None:
+        for name, metric in zip(self.test_split_names, self.test_metrics, strict=True):
+            scores = metric.compute()
+            self.log(f"test_{name}/acc50", scores["acc50"], add_dataloader_idx=False)
+            self.log(f"test_{name}/miou", scores["miou"], add_dataloader_idx=False)
+            self.log(f"test_{name}/n", scores["n"].float(), add_dataloader_idx=False)
+            metric.reset()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = [
+            {"params": params, "name": role, **({"lr": self.group_lr[role]} if role in self.group_lr else {})}
+            for role, params in self.model.optimizer_groups().items()
+            if params
+        ]
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        kwargs = {}
+        if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, **kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}

@@ -1,0 +1,129 @@
+"""The suite's entry point: `python -m src.run [overrides]`.
+
+Trains the configured model on the configured benchmark, keeps the best checkpoint by `val/acc50`,
+tests it on every test split (keys `test_<split>/acc50`), optionally measures accuracy with the
+expressions shuffled across samples, and writes results.json, predictions.png, CSV/W&B logs and the
+checkpoint under the run folder. Returns the best `val/acc50` so that Hydra sweepers can optimise it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from src.lit import GroundingModule
+from src.params import format_report, parameter_report
+from src.report import prediction_grid, print_table, split_metrics, write_results
+
+log = logging.getLogger(__name__)
+
+
+def build_module(cfg: DictConfig) -> GroundingModule:
+    """The LightningModule for `cfg`: the grounder with its PEFT method, loss and optimiser settings."""
+    model = instantiate(cfg.model, _partial_=True)(peft=instantiate(cfg.peft))
+    optim = cfg.optim
+    return GroundingModule(
+        model,
+        optimizer=instantiate(optim.optimizer),
+        scheduler=instantiate(optim.scheduler) if optim.get("scheduler") else None,
+        scheduler_interval=optim.get("scheduler_interval", "epoch"),
+        group_lr=OmegaConf.to_container(optim.get("group_lr") or {}),
+    )
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    """The Lightning Trainer with the configured callbacks and loggers."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def test_splits(trainer: L.Trainer, module: GroundingModule, loaders: list, names: list[str], ckpt: str | None):
+    """Run the test loop over `loaders` named `names`; returns per-split acc50/miou/n."""
+    module.set_test_splits(names)
+    trainer.test(module, dataloaders=loaders, ckpt_path=ckpt, verbose=False)
+    return split_metrics(trainer.callback_metrics, names)
+
+
+@torch.no_grad()
+def draw_predictions(module: GroundingModule, loader, count: int, path: Path) -> None:
+    """Save a grid of the first `count` test samples with ground-truth and predicted boxes."""
+    module.eval()
+    images, gts, preds, phrases = [], [], [], []
+    for batch in loader:
+        batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        preds.append(module(batch).boxes.cpu())
+        images.append(batch["image"].cpu())
+        gts.append(batch["box"].cpu())
+        phrases.extend(batch["phrase"])
+        if len(phrases) >= count:
+            break
+    grid = prediction_grid(torch.cat(images)[:count], torch.cat(gts)[:count], torch.cat(preds)[:count], phrases[:count])
+    grid.save(path)
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train, test and report as configured; returns the best val/acc50 (None when not training)."""
+    start = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg)
+    params = parameter_report(module.model)
+    log.info(format_report(params))
+    trainer = build_trainer(cfg)
+
+    best_ckpt, best_score = cfg.get("ckpt_path"), None
+    if cfg.train:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        checkpoint = trainer.checkpoint_callback
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
+            best_ckpt = checkpoint.best_model_path
+            best_score = float(checkpoint.best_model_score)
+        elif "val/acc50" in trainer.callback_metrics:
+            best_score = float(trainer.callback_metrics["val/acc50"])
+
+    if not cfg.test:
+        return best_score
+    datamodule.setup("test")
+    names = list(datamodule.test_split_names)
+    splits = test_splits(trainer, module, datamodule.test_dataloader(), names, best_ckpt)
+    shuffled = {}
+    if cfg.shuffled_text_check:
+        loaders = [datamodule.shuffled_text_dataloader(n) for n in names]
+        scores = test_splits(trainer, module, loaders, [f"{n}_shuffled_text" for n in names], None)
+        shuffled = {n: {"acc50": scores[f"{n}_shuffled_text"]["acc50"]} for n in names}
+    if not trainer.is_global_zero:
+        return best_score
+    if cfg.visualize:
+        draw_predictions(module, datamodule.test_dataloader()[0], int(cfg.visualize), out_dir / "predictions.png")
+    print_table(splits, shuffled)
+    write_results(out_dir / "results.json", {
+        "splits": splits,
+        "shuffled_text": shuffled,
+        "wall_seconds": round(time.perf_counter() - start, 2),
+        "best_val_acc50": best_score,
+        "best_checkpoint": best_ckpt,
+        "parameters": params,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    })
+    log.info("results written to %s", out_dir / "results.json")
+    return best_score
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point."""
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Learning-rate schedules that need the run's total number of optimiser steps."""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, floor: float = 0.0) -> LambdaLR:
+    """Linear warm-up for `warmup_steps`, then cosine decay to `floor` x the base LR at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)

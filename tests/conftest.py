@@ -1,0 +1,37 @@
+"""Shared test fixtures: the ../shared folder (skipped when absent) and tiny model settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED = PROJECT_ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The read-only ../shared folder; tests using it skip when it is absent (e.g. a user's clone)."""
+    if not SHARED.is_dir():
+        pytest.skip("../shared is absent (it only exists beside the developers' and CI's checkout)")
+    return SHARED
+
+
+TINY_MODEL = dict(
+    image_size=32,
+    max_query_len=8,
+    vision=dict(arch="vit_small_patch14_reg4_dinov2", patch_size=8, embed_dim=32, depth=4, num_heads=2,
+                reg_tokens=4, init_values=1.0),
+    text=dict(config=dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                          vocab_size=200)),
+    prior=dict(config=dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                           projection_dim=16, vocab_size=300)),
+    fusion=dict(dim=32, heads=2, ffn_dim=64, layers=2, dropout=0.0),
+    adapter_layers=dict(vision=[1, 3], text=[1, 3]),
+)

@@ -1,0 +1,157 @@
+"""The grounder's shapes, masks, PEFT injection, freezing and the clean/official switches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from src.models.grounder import build_grounder
+from src.models.peft.base import Frozen, Full
+from src.models.peft.injection import ParallelMlp
+from src.models.peft.mapper import LoCA, Mapper
+from tests.conftest import TINY_MODEL
+
+B, L, S = 2, TINY_MODEL["max_query_len"], TINY_MODEL["image_size"]
+
+
+def tiny(mode: str = "clean", peft=None, **overrides):
+    torch.manual_seed(0)
+    return build_grounder(peft or Mapper(rank=4, loca_hidden=12, loca_branch1=8, loca_branch2_mid=4,
+                                          loca_branch2_out=4), mode=mode, **{**TINY_MODEL, **overrides})
+
+
+def inputs(pad_text_from: int = 5) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    text_mask = torch.zeros(B, L, dtype=torch.long)
+    text_mask[:, :pad_text_from] = 1
+    text_ids = torch.randint(1, 200, (B, L), generator=g) * text_mask
+    return dict(
+        image=torch.randn(B, 3, S, S, generator=g),
+        pixel_mask=torch.zeros(B, S, S, dtype=torch.bool),
+        text_ids=text_ids, text_mask=text_mask,
+        prior_ids=torch.randint(1, 300, (B, L), generator=g) * text_mask, prior_mask=text_mask.clone(),
+    )
+
+
+def test_forward_shapes_and_box_range():
+    model = tiny().eval()
+    out = model(**inputs(), return_features=True)
+    grid = S // 8
+    assert out.boxes.shape == (B, 4) and (out.boxes > 0).all() and (out.boxes < 1).all()
+    f = out.features
+    assert f["visual"].shape == (B, 1 + grid * grid, 32)  # class token + patches, registers dropped
+    assert f["bert"].shape == (B, L, 32) and f["pgt"].shape == (B, L, 32)
+    assert f["clip_prior"].shape == (B, L, 16) and f["vl_reg"].shape == (B, 32)
+    assert model.pos_embed.num_embeddings == 1 + L + 1 + grid * grid
+
+
+def test_official_mode_drops_registers_and_keeps_geometry():
+    model = tiny("official")
+    assert model.vision.num_prefix_tokens == 1 and model.vision.vit.reg_token is None
+    assert tiny("clean").vision.num_prefix_tokens == 5
+
+
+def test_clean_adapters_start_as_exact_no_ops():
+    model = tiny().eval()
+    plain = copy.deepcopy(model)
+    for block in plain.vision.blocks:
+        if isinstance(block.mlp, ParallelMlp):
+            block.mlp = block.mlp.mlp
+    for layer in plain.text.layers:
+        if hasattr(layer.output, "adapter"):
+            layer.output = layer.output.output
+    x = inputs()
+    a, b = model(**x, return_features=True).features, plain.text(x["text_ids"], x["text_mask"])
+    assert torch.equal(a["visual"], plain.vision(x["image"]))
+    assert torch.allclose(a["bert"], b, atol=1e-6)
+    official = tiny("official").eval()
+    assert official.vision.blocks[1].mlp.adapter.fc2.weight.abs().sum() > 0  # official LoCA is not zero-init
+
+
+def test_patch_padding_clean_needs_whole_patch_official_uses_top_left_pixel():
+    mask = torch.zeros(1, S, S, dtype=torch.bool)
+    mask[:, :, :12] = True  # 12 left columns padded: patch column 0 wholly, column 1 only its first 4 pixels
+    clean = tiny().patch_padding(mask).view(-1)
+    official = tiny("official").patch_padding(mask).view(-1)
+    grid = S // 8
+    assert not clean[0] and not official[0]  # the class token is never padding
+    clean_cols = clean[1:].view(grid, grid)[0]
+    official_cols = official[1:].view(grid, grid)[0]
+    assert clean_cols.tolist() == [True, False, False, False]
+    assert official_cols.tolist() == [True, True, False, False]
+
+
+def test_padded_text_is_ignored_in_clean_but_not_in_official_mode():
+    x = inputs()
+    changed = dict(x, text_ids=x["text_ids"].clone())
+    changed["text_ids"][:, 6] = 77  # a padded position (mask 0)
+    clean = tiny().eval()
+    assert torch.allclose(clean(**x).boxes, clean(**changed).boxes, atol=1e-6)
+    official = tiny("official").eval()
+    assert not torch.allclose(official(**x).boxes, official(**changed).boxes, atol=1e-6)
+
+
+def test_official_prior_reads_bert_ids_clean_prior_reads_clip_ids():
+    x = inputs()
+    other_prior = dict(x, prior_ids=(x["prior_ids"] + 1) * x["prior_mask"])
+    official = tiny("official").eval()
+    assert torch.equal(official(**x).boxes, official(**other_prior).boxes)
+    clean = tiny().eval()
+    assert not torch.allclose(clean(**x).boxes, clean(**other_prior).boxes)
+
+
+def test_mapper_freezes_backbones_and_trains_only_its_modules():
+    model = tiny()
+    tunable = set(model.tunable_backbone_names)
+    for name, p in model.named_parameters():
+        if name.startswith(("vision.", "text.")):
+            assert p.requires_grad == (name in tunable), name
+        if name.startswith("prior."):
+            assert not p.requires_grad
+    assert any(".adapter." in n for n in tunable) and any(n.startswith("text_merge.") for n in tunable)
+    groups = model.optimizer_groups()
+    assert groups["vision"] and groups["text"] and groups["head"]
+
+
+def test_frozen_and_full_methods_need_no_prior():
+    frozen, full = tiny(peft=Frozen()), tiny(peft=Full())
+    assert frozen.prior is None and full.prior is None
+    assert not frozen.optimizer_groups()["vision"] and not frozen.tunable_backbone_names
+    assert all(p.requires_grad for p in full.vision.parameters())
+    assert full(**inputs()).boxes.shape == (B, 4)
+
+
+def test_clean_mode_silences_frozen_backbone_dropout_official_keeps_bert_dropout():
+    def text_dropout_training(model):
+        return {m.training for n, m in model.named_modules() if n.startswith("text.") and isinstance(m, torch.nn.Dropout)}
+
+    assert text_dropout_training(tiny().train()) == {False}
+    assert text_dropout_training(tiny("official").train()) == {True}
+    assert text_dropout_training(tiny(peft=Full()).train()) == {True}
+
+
+def test_loca_official_doubles_the_class_row():
+    torch.manual_seed(0)
+    official = LoCA(8, 6, 4, 2, 2, (2, 2), 1, doubled_prefix=True, official_init=True).eval()
+    clean = copy.deepcopy(official)
+    clean.doubled_prefix = False
+    u = torch.randn(1, 5, 8)
+    z_cls = torch.relu(official.fc1(u))[:, :1]
+    assert torch.allclose(official(u)[:, 0], official.fc2(2 * z_cls)[:, 0], atol=1e-6)
+    assert torch.allclose(clean(u)[:, 0], clean.fc2(z_cls)[:, 0], atol=1e-6)
+    assert torch.equal(official(u)[:, 1:], clean(u)[:, 1:])
+
+
+def test_adapter_layers_out_of_range_are_reported():
+    with pytest.raises(ValueError, match="layers \\[7\\]"):
+        tiny(peft=Mapper(vision_layers=[1, 7], rank=4, loca_hidden=12, loca_branch1=8, loca_branch2_mid=4,
+                         loca_branch2_out=4))
+
+
+def test_wrong_query_length_is_rejected():
+    x = inputs()
+    x["text_ids"], x["text_mask"] = x["text_ids"][:, :4], x["text_mask"][:, :4]
+    with pytest.raises(ValueError, match="max_query_len"):
+        tiny()(**x)
