@@ -282,7 +282,9 @@ def _render_benchmark(report: dict[str, Any]) -> None:
 
     console = Console()
     splits = report["splits"]
-    table = Table(title=f"data doctor: {report['dataset']} (images: {report['image_root']})")
+    console.print(f"data doctor: {report['dataset']}", style="bold")
+    console.print(f"split files under {report['split_root']}, images under {report['image_root']}", soft_wrap=True)
+    table = Table()
     table.add_column("check")
     for name in splits:
         table.add_column(name, justify="right")
@@ -291,14 +293,15 @@ def _render_benchmark(report: dict[str, Any]) -> None:
         table.add_row(key.replace("_", " "), *(_cell(s[key]) for s in splits.values()))
     console.print(table)
     for name, split in splits.items():
-        console.print(f"[bold]{name}[/bold] ({split['file']}):", "OK" if not split["problems"] else "")
+        verdict = "OK" if not split["problems"] else "usable" if split["usable"] else "UNUSABLE"
+        console.print(f"{name} ({split['file']}): {verdict}", markup=False, highlight=False, soft_wrap=True)
         for line in split["problems"]:
             console.print(f"  problem: {line}", markup=False, highlight=False, soft_wrap=True)
         for line in split["notes"]:
             console.print(f"  note: {line}", markup=False, highlight=False, soft_wrap=True)
     for hint in report["hints"]:
         console.print(f"hint: {hint}", markup=False, highlight=False, soft_wrap=True)
-    console.print("all splits usable" if report["usable"] else "[bold red]some split is unusable[/bold red]")
+    console.print("all splits usable" if report["usable"] else "some split is unusable", style="bold")
 
 
 def _cell(value: Any) -> str:

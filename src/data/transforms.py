@@ -249,6 +249,14 @@ def _place_on_canvas(geo: _Geometry, phrase: str, image_size: int, offset: tuple
     )
 
 
+def crop_accepted(centre: tuple[float, float], top: int, left: int, height: int, width: int, swapped: bool) -> bool:
+    """Crop acceptance: the box centre lies inside the crop, or (swapped) the official i/j-swapped test."""
+    cx, cy = centre
+    if swapped:
+        return cx > top and cy > left
+    return left <= cx < left + width and top <= cy < top + height
+
+
 def centre_offset(free: int) -> int:
     """The official centring offset for `free` spare pixels: round(free / 2 - 0.1)."""
     return round(free / 2 - 0.1)
@@ -305,13 +313,6 @@ class TrainTransform:
             phrase = swap_left_right(phrase, self.quirks.substring_flip_swap)
         return _place_on_canvas(geo, phrase, self.image_size, self._offset(*geo.size))
 
-    def _crop_accepted(self, geo: _Geometry, top: int, left: int, height: int, width: int) -> bool:
-        """The crop's acceptance test: box centre inside the crop, or the official swapped i/j test."""
-        cx, cy = geo.box_centre()
-        if self.quirks.swapped_crop_check:
-            return cx > top and cy > left
-        return left <= cx < left + width and top <= cy < top + height
-
     def _random_crop(self, geo: _Geometry) -> None:
         """Random-size crop (sides in the crop range), up to crop_tries tries; no crop if none is accepted."""
         width, height = geo.size
@@ -320,7 +321,7 @@ class TrainTransform:
             crop_w = _randint(min(low, width), min(width, high))
             crop_h = _randint(min(low, height), min(height, high))
             top, left = _randint(0, height - crop_h), _randint(0, width - crop_w)
-            if self._crop_accepted(geo, top, left, crop_h, crop_w):
+            if crop_accepted(geo.box_centre(), top, left, crop_h, crop_w, self.quirks.swapped_crop_check):
                 geo.crop(top, left, crop_h, crop_w)
                 return
 
