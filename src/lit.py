@@ -34,7 +34,8 @@ class GroundingModule(L.LightningModule):
         loss: GroundingLoss | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "loss"], logger=False)
+        # No save_hyperparameters: the run's config lives in Hydra's .hydra/ folder, and checkpoints stay
+        # plain tensors + numbers so that they load with torch.load(weights_only=True).
         self.model = model
         self.loss = loss or GroundingLoss()
         self.optimizer_factory = optimizer
@@ -51,8 +52,8 @@ class GroundingModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.loss(self(batch).boxes, batch["box"])
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(batch["box"]))
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(batch["box"]))
+        self.log_dict({"train/l1": losses["l1"], "train/giou": losses["giou"]}, batch_size=len(batch["box"]))
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

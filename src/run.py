@@ -35,14 +35,14 @@ def build_module(cfg: DictConfig) -> GroundingModule:
         optimizer=instantiate(optim.optimizer),
         scheduler=instantiate(optim.scheduler) if optim.get("scheduler") else None,
         scheduler_interval=optim.get("scheduler_interval", "epoch"),
-        group_lr=OmegaConf.to_container(optim.get("group_lr") or {}),
+        group_lr=dict(optim.get("group_lr") or {}),
     )
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     """The Lightning Trainer with the configured callbacks and loggers."""
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 

@@ -36,7 +36,9 @@ from src.data.records import Record
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DOCTOR_OPTIONS = ("output", "max_open", "splits", "split_file", "dataset", "box_format")
 DEFAULT_MAX_OPEN = 500
-OUTSIDE_TOLERANCE = 1.0  # px a box may exceed its image before it counts as outside (rounding, inclusive ends)
+OUTSIDE_TOLERANCE = (
+    1.0  # px a box may exceed its image before it counts as outside (rounding, inclusive ends)
+)
 TOKEN_CHUNK = 1024
 TOKEN_LIMIT = 512
 
@@ -202,7 +204,9 @@ def missing_image_hints(dm: Any, reports: Sequence[SplitReport]) -> list[str]:
         return []
     hints = []
     if not dm.image_root.is_dir():
-        hints.append(f"the image folder {dm.image_root} does not exist; set data.image_root or data.data_root")
+        hints.append(
+            f"the image folder {dm.image_root} does not exist; set data.image_root or data.data_root"
+        )
     if dm.spec.image_dir == COCO_IMAGES and dm.data_root is not None:
         alternative = dm.data_root / MAPPER_COCO_IMAGES
         found = " (it exists here)" if alternative.is_dir() else ""
@@ -238,7 +242,7 @@ def _first(record: Record) -> dict[str, Any]:
 
 
 def check_single_file(path: Path, dataset: str | None, box_format: str | None) -> dict[str, Any]:
-    """Read one split file (no images needed): record count, box format (declared or detected), first record."""
+    """Read one split file (no images needed): record count, box format (declared/detected), first record."""
     report: dict[str, Any] = {"file": str(path), "dataset": dataset}
     try:
         records = _read_single(report, path, dataset, box_format)
@@ -251,7 +255,9 @@ def check_single_file(path: Path, dataset: str | None, box_format: str | None) -
     return report
 
 
-def _read_single(report: dict[str, Any], path: Path, dataset: str | None, box_format: str | None) -> list[Record]:
+def _read_single(
+    report: dict[str, Any], path: Path, dataset: str | None, box_format: str | None
+) -> list[Record]:
     """Read a single split file, noting in report which box format was used and why."""
     if path.suffix == ".jsonl":
         header = jsonl_declared_format(path)
@@ -283,7 +289,9 @@ def _render_benchmark(report: dict[str, Any]) -> None:
     console = Console()
     splits = report["splits"]
     console.print(f"data doctor: {report['dataset']}", style="bold")
-    console.print(f"split files under {report['split_root']}, images under {report['image_root']}", soft_wrap=True)
+    console.print(
+        f"split files under {report['split_root']}, images under {report['image_root']}", soft_wrap=True
+    )
     table = Table()
     table.add_column("check")
     for name in splits:

@@ -165,9 +165,9 @@ class GroundingDataModule(L.LightningDataModule):
 
     @property
     def box_format(self) -> str | None:
-        """Box format passed to the readers; None = detect from the boxes."""
+        """Box format passed to the readers; None = detect (.pth) or take the file's declaration (JSONL)."""
         fmt = self.reader.box_format or self.spec.box_format
-        if fmt == "auto":
+        if fmt in (None, "auto"):
             return None
         if fmt not in BOX_FORMATS:
             raise ValueError(f"data.reader.box_format must be one of {(*BOX_FORMATS, 'auto')}, got {fmt!r}")
@@ -221,7 +221,9 @@ class GroundingDataModule(L.LightningDataModule):
             self._tokenizers = (bert_tokenizer(self.bert_vocab), clip_tokenizer(self.clip_vocab))
         return self._tokenizers
 
-    def make_dataset(self, split: str, train: bool, phrase_permutation_seed: int | None = None) -> RecordDataset:
+    def make_dataset(
+        self, split: str, train: bool, phrase_permutation_seed: int | None = None
+    ) -> RecordDataset:
         """A RecordDataset over a split's usable records with the train or eval transform."""
         bert, clip = self.tokenizers()
         transform = build_transform(train, self.image_size, self.augment, self.mode)

@@ -49,10 +49,8 @@ SPLIT_FILE_GLOBALS: list[Any] = [
     _codecs.encode,
 ]
 
-_GLOBAL_IN_ERROR = (
-    re.compile(r"GLOBAL (\S+) was not an allowed global"),
-    re.compile(r"but got <class '([^']+)'>"),
-)
+# How torch's weights-only unpickler names a refused global (a GLOBAL opcode, or a class to BUILD).
+_GLOBAL_IN_ERROR = (re.compile(r"GLOBAL ([\w.]+)"), re.compile(r"but got <class '([^']+)'>"))
 
 
 class SplitFileError(ValueError):
@@ -99,7 +97,9 @@ def safe_torch_load(path: str | Path) -> Any:
     except pickle.UnpicklingError as err:
         name = _refused_global(str(err))
         if name is None:
-            raise SplitFileError(f"{path}: not a readable split file ({str(err).splitlines()[-1]})") from None
+            raise SplitFileError(
+                f"{path}: not a readable split file ({' '.join(str(err).split())})"
+            ) from None
         raise SplitFileError(
             f"{path}: refused to load: the file references the global `{name}`, which is not on the "
             "split-file allowlist (builtin containers, numpy arrays/dtypes). Split files hold only lists, "
@@ -155,7 +155,9 @@ def detect_box_format(boxes: Sequence[Box]) -> BoxDetection:
         return BoxDetection("xyxy", "no boxes to inspect; assumed xyxy")
     bad = sum(1 for x1, y1, x2, y2 in boxes if x2 <= x1 or y2 <= y1)
     if bad:
-        return BoxDetection("xywh", f"{bad} of {len(boxes)} boxes have x2 <= x1 or y2 <= y1 when read as xyxy")
+        return BoxDetection(
+            "xywh", f"{bad} of {len(boxes)} boxes have x2 <= x1 or y2 <= y1 when read as xyxy"
+        )
     return BoxDetection("xyxy", f"all {len(boxes)} boxes have x2 > x1 and y2 > y1 when read as xyxy")
 
 
@@ -191,10 +193,14 @@ def _as_box(value: Any, where: str) -> Box:
 def _raw_record(item: Any, where: str) -> RawRecord:
     """Unpack a 5-tuple (image, id, box, phrase, attributes) or a Flickr 3-tuple (image, box, phrase)."""
     if not isinstance(item, (tuple, list)) or len(item) not in (3, 5):
-        raise SplitFileError(f"{where}: expected a 5-tuple or a 3-tuple, got {type(item).__name__} {item!r:.80}")
+        raise SplitFileError(
+            f"{where}: expected a 5-tuple or a 3-tuple, got {type(item).__name__} {item!r:.80}"
+        )
     image, box, phrase = (item[0], item[2], item[3]) if len(item) == 5 else item
     if not isinstance(image, str) or not isinstance(phrase, str):
-        raise SplitFileError(f"{where}: image file and phrase must be strings, got {image!r:.60}, {phrase!r:.60}")
+        raise SplitFileError(
+            f"{where}: image file and phrase must be strings, got {image!r:.60}, {phrase!r:.60}"
+        )
     return RawRecord(image, _as_box(box, where), phrase)
 
 
@@ -310,7 +316,9 @@ def _jsonl_header_format(obj: Any, where: str) -> str | None:
     if not isinstance(obj, dict) or set(obj) != {"box_format"}:
         return None
     if obj["box_format"] not in BOX_FORMATS:
-        raise SplitFileError(f"{where}: field 'box_format' must be one of {BOX_FORMATS}, got {obj['box_format']!r}")
+        raise SplitFileError(
+            f"{where}: field 'box_format' must be one of {BOX_FORMATS}, got {obj['box_format']!r}"
+        )
     return str(obj["box_format"])
 
 
@@ -346,7 +354,8 @@ def read_jsonl(path: str | Path, box_format: str | None = None, int_boxes: bool 
             continue
         if box_format is None:
             raise SplitFileError(
-                f'{where}: box format not declared; start the file with {{"box_format": "xyxy"}} or set data.box_format'
+                f'{where}: box format not declared; start the file with {{"box_format": "xyxy"}} '
+                "or set data.reader.box_format"
             )
         records.append(_jsonl_record(obj, box_format, int_boxes, where))
     return records

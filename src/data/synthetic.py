@@ -668,6 +668,7 @@ def ensure_synthetic(cache_dir: str | Path, **settings: Any) -> Path:
             _generate_split(st, split, tmp)
         meta = {"version": GENERATOR_VERSION, "hash": settings_hash(st), "settings": asdict(st)}
         (tmp / "settings.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             os.rename(tmp, final)
         except OSError:

@@ -85,7 +85,10 @@ class AugmentSettings:
         if unknown:
             raise ValueError(f"unknown augmentation settings {sorted(unknown)}")
         return cls(
-            **{k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for k, v in config.items()}
+            **{
+                k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
+                for k, v in config.items()
+            }
         )
 
 
@@ -151,7 +154,9 @@ def long_side_scales(image_size: int, num_scales: int, scale_step: int) -> list[
     """The long sides of the scale augmentation: S - k * step (step scaled to S), k = 0..num_scales-1."""
     sides = [image_size - round(k * scale_step * image_size / REFERENCE_SIZE) for k in range(num_scales)]
     if min(sides) < 1:
-        raise ValueError(f"num_scales={num_scales} with scale_step={scale_step} leaves no image at S={image_size}")
+        raise ValueError(
+            f"num_scales={num_scales} with scale_step={scale_step} leaves no image at S={image_size}"
+        )
     return sides
 
 
@@ -249,7 +254,9 @@ def _place_on_canvas(geo: _Geometry, phrase: str, image_size: int, offset: tuple
     )
 
 
-def crop_accepted(centre: tuple[float, float], top: int, left: int, height: int, width: int, swapped: bool) -> bool:
+def crop_accepted(
+    centre: tuple[float, float], top: int, left: int, height: int, width: int, swapped: bool
+) -> bool:
     """Crop acceptance: the box centre lies inside the crop, or (swapped) the official i/j-swapped test."""
     cx, cy = centre
     if swapped:

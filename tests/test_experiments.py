@@ -1,0 +1,51 @@
+"""Every experiment config composes, builds and trains for one step at tiny sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from src.config import CONFIG_DIR, compose
+from src.run import build_module, build_trainer
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+TINY_DATA = [
+    "data=synthetic", "data.synthetic.n_train=8", "data.synthetic.n_val=4", "data.synthetic.n_test=4",
+    "data.num_workers=0", "data.batch_size=4",
+]
+
+
+def test_there_are_experiments():
+    assert {"mapper_refcoco", "mapper_refcoco+", "mapper_refcocog", "mapper_refcocog_google",
+            "mapper_referit", "mapper_synthetic"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_with_its_own_settings(name: str):
+    cfg = compose([f"+experiment={name}"])
+    assert cfg.task_name == name
+    assert cfg.data._target_.endswith("GroundingDataModule")
+    assert cfg.model.max_query_len in (16, 20, 40)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_trains_one_step_at_tiny_size(name: str, tmp_path: Path):
+    """Keep the experiment's PEFT method, optimiser, mode and query length; shrink model, data, trainer."""
+    cfg = compose([
+        f"+experiment={name}", "model=mapper_tiny", "trainer=default", "logger=none", f"paths.cache_dir={tmp_path}",
+        f"paths.output_dir={tmp_path}", *TINY_DATA, "+trainer.fast_dev_run=1", "trainer.accelerator=cpu",
+    ])
+    with open_dict(cfg):
+        cfg.callbacks = {}
+    expected_len = compose([f"+experiment={name}"]).model.max_query_len
+    assert cfg.model.max_query_len == expected_len
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg)
+    trainer = build_trainer(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 1
+    assert all(p.isfinite().all() for p in module.model.parameters())
