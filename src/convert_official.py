@@ -16,6 +16,7 @@ bare grounder weights.
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from collections import Counter
 from collections.abc import Mapping
@@ -42,8 +43,16 @@ LIGHTNING_PREFIX = "model."  # GroundingModule holds the grounder as `self.model
 
 def read_official_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The official state dict and the checkpoint's other entries, loaded without arbitrary unpickling."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = next((line for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        raise OfficialCheckpointError(
+            f"{path} holds objects other than tensors, plain containers and argparse.Namespace, so it is not "
+            f"unpickled (no unrestricted torch.load). {detail.strip()} Re-save just its `model` state dict "
+            "with torch.save(ckpt['model'], ...) in an environment you trust."
+        ) from err
     return split_official_checkpoint(raw)
 
 

@@ -46,7 +46,7 @@ def _healthy(root: Path) -> Path:
 
 
 def _broken(root: Path) -> Path:
-    """A ReferIt-style root with missing/unreadable images, bad boxes and phrases, and a missing split file."""
+    """A ReferIt-style root with missing/unreadable images, bad boxes/phrases and a missing split file."""
     _healthy(root)
     (root / "images" / "train0.jpg").unlink()
     (root / "images" / "train1.jpg").write_bytes(b"not an image")
@@ -112,7 +112,7 @@ def test_all_degenerate_boxes_make_a_split_unusable(tmp_path: Path, capsys) -> N
 def test_table_output_and_max_open(tmp_path: Path, capsys) -> None:
     code, out = _run(capsys, *_referit_args(_broken(tmp_path)), "max_open=2")
     assert code == 1
-    assert "missing images" in out and "problem: 1 of 6 images missing" in out
+    assert "missing images" in out and "problem: missing images: 1 of 6" in out
     assert "UNUSABLE" in out and "some split is unusable" in out
     code, out = _run(capsys, *_referit_args(_healthy(tmp_path / "ok")), "max_open=2", "output=json")
     assert code == 0 and json.loads(out)["splits"]["train"]["opened_images"] == 2

@@ -131,7 +131,7 @@ def _example(records: Sequence[Record], indices: Sequence[int]) -> str:
 def _count_problem(report: SplitReport, records: Sequence[Record], indices: Sequence[int], what: str) -> None:
     """Record a counted problem with its first example."""
     if indices:
-        report.problems.append(f"{len(indices)} {what}, {_example(records, indices)}")
+        report.problems.append(f"{what}: {len(indices)}, {_example(records, indices)}")
 
 
 def check_records(report: SplitReport, records: Sequence[Record], images: ImageCheck) -> None:
@@ -155,8 +155,8 @@ def check_phrase_lengths(report: SplitReport, records: Sequence[Record], bert: A
     report.long_phrases = len(long)
     if long:
         report.notes.append(
-            f"{len(long)} phrases exceed max_query_len={max_len} BERT tokens incl. [CLS]/[SEP] and will be "
-            f"truncated, {_example(records, long)}"
+            f"phrases longer than max_query_len={max_len} BERT tokens incl. [CLS]/[SEP] (truncated when "
+            f"training): {len(long)}, {_example(records, long)}"
         )
 
 
@@ -166,11 +166,11 @@ def check_image_report(report: SplitReport, image_root: Path, images: ImageCheck
     report.opened_images = len(images.sizes) + len(images.unreadable)
     if images.missing:
         report.problems.append(
-            f"{len(images.missing)} of {report.images} images missing, e.g. {image_root / images.missing[0]}"
+            f"missing images: {len(images.missing)} of {report.images}, e.g. {image_root / images.missing[0]}"
         )
     if images.unreadable:
         report.problems.append(
-            f"{len(images.unreadable)} of {report.opened_images} opened images unreadable, "
+            f"unreadable images: {len(images.unreadable)} of {report.opened_images} opened, "
             f"e.g. {image_root / images.unreadable[0]}"
         )
     if report.images and len(images.missing) + len(images.unreadable) == report.images:
@@ -301,7 +301,9 @@ def _render_benchmark(report: dict[str, Any]) -> None:
         table.add_row(key.replace("_", " "), *(_cell(s[key]) for s in splits.values()))
     console.print(table)
     for name, split in splits.items():
-        verdict = "OK" if not split["problems"] else "usable" if split["usable"] else "UNUSABLE"
+        verdict = (
+            "OK" if not split["problems"] else "usable, with problems" if split["usable"] else "UNUSABLE"
+        )
         console.print(f"{name} ({split['file']}): {verdict}", markup=False, highlight=False, soft_wrap=True)
         for line in split["problems"]:
             console.print(f"  problem: {line}", markup=False, highlight=False, soft_wrap=True)
