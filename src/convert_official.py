@@ -145,7 +145,8 @@ def describe(conversion: OfficialConversion, geometry: OfficialGeometry) -> str:
     """A short human report: geometry, mapped count, dropped keys grouped by reason, surprises."""
     lines = [
         f"geometry: image_size {geometry.image_size}, patch {geometry.patch_size}, max_query_len "
-        f"{geometry.max_query_len}, LoCA blocks {list(geometry.vision_layers)}, DyPA layers {list(geometry.text_layers)}",
+        f"{geometry.max_query_len}, LoCA blocks {list(geometry.vision_layers)}, "
+        f"DyPA layers {list(geometry.text_layers)}",
         f"mapped {len(conversion.state)} suite tensors; dropped {len(conversion.dropped)} official tensors (expected):",
     ]
     lines += [f"  {n:4d} x {why}" for why, n in Counter(conversion.dropped.values()).most_common()]

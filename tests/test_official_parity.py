@@ -71,10 +71,10 @@ def two_threads():
 @pytest.mark.slow
 @pytest.mark.parametrize("case_file", _case_params())
 def test_official_mode_matches_official_code(case_file: Path, shared_dir: Path, two_threads: None) -> None:
-    manifest_path = PARITY_DIR / json.loads(case_file.read_text())["weights"]["manifest"]
+    case = json.loads(case_file.read_text())
+    manifest_path = PARITY_DIR / case["weights"]["manifest"]  # resolved in the parity folder, not beside the case
     if not manifest_path.is_file():
         pytest.skip(f"parity manifest {manifest_path} is absent")
-    case = json.loads(case_file.read_text())
     official = recipe_state_dict(load_manifest(manifest_path), case["weights"], keep=_needed)
 
     # The converter's own path: geometry from the checkpoint's shapes (which must agree with the case),
@@ -95,8 +95,8 @@ def test_official_mode_matches_official_code(case_file: Path, shared_dir: Path, 
     box_error = (out.boxes.double() - torch.tensor(expected["pred_boxes"], dtype=torch.float64)).abs().max().item()
     errors = {name: summary_errors(out.features[name], expected["intermediates"][name]) for name in SUMMARIES}
     worst = {name: max(e.values()) for name, e in errors.items()}
-    print(f"\n{case_file.name}: max box error {box_error:.2e} (atol {expected['atol']:.0e}); "
-          + ", ".join(f"{n} {w:.2e}" for n, w in worst.items()) + " of the allowance")
+    print(f"\n{case_file.name}: max box error {box_error:.2e} (atol {expected['atol']:.0e}); summary error / "
+          "allowance: " + ", ".join(f"{n} {w:.2e}" for n, w in worst.items()))
     assert box_error <= expected["atol"], f"boxes off by {box_error:.3e} > atol {expected['atol']}"
     failing = {name: e for name, e in errors.items() if max(e.values()) > 1}
     assert not failing, f"summaries outside tolerance (error / allowance): {failing}"

@@ -163,6 +163,12 @@ def test_flickr_numpy_float32_split_loads(tmp_path: Path, numpy_module: str) -> 
     ]
 
 
+def test_numpy_globals_beyond_flickrs_are_refused(tmp_path: Path) -> None:
+    path = _save_legacy([("a.jpg", np.array([0, 1, 2, 3], dtype=np.float64), "x")], tmp_path / "f64.pth")
+    with pytest.raises(SplitFileError, match=r"f64\.pth: refused to load.*Float64DType"):
+        read_transvg(path, "xyxy")
+
+
 def test_empty_split_file_reads_as_no_records(tmp_path: Path) -> None:
     assert read_transvg(_save_legacy([], tmp_path / "unc_trainval.pth"), "xywh") == []
 

@@ -103,6 +103,7 @@ class GroundingDataModule(L.LightningDataModule):
         self._tokenizers: tuple[Any, Any] | None = None
         self.datasets: dict[str, RecordDataset] = {}
         self.dropped: dict[str, int] = {}
+        self._records: dict[str, list[Record]] = {}
 
     # ------------------------------------------------------------------------------------------ roots
 
@@ -195,8 +196,13 @@ class GroundingDataModule(L.LightningDataModule):
         return read_transvg(self.split_file(split), self.box_format, self.int_boxes)
 
     def usable_records(self, split: str) -> list[Record]:
-        """A split's records minus degenerate boxes (if drop_degenerate), logged and counted in `dropped`."""
-        records = self.read_split(split)
+        """A split's records minus degenerate boxes (if drop_degenerate), read once per split."""
+        if split not in self._records:
+            self._records[split] = self._drop_degenerate(split, self.read_split(split))
+        return self._records[split]
+
+    def _drop_degenerate(self, split: str, records: list[Record]) -> list[Record]:
+        """Drop degenerate boxes when drop_degenerate is set, with a warning and a count in `dropped`."""
         if not self.reader.drop_degenerate:
             return records
         kept, bad = split_degenerate(records)

@@ -36,16 +36,13 @@ _reconstruct = np.empty(0).__reduce__()[0]
 # Exactly what a Flickr30k split file (numpy float32 box arrays, pickle protocol 2) references. The files
 # were written with numpy 1.x, which names the array rebuilder `numpy.core.multiarray._reconstruct`;
 # numpy 2 calls it `numpy._core.multiarray._reconstruct`. Protocol 2 stores the array bytes through
-# `_codecs.encode`, and unpickling a dtype BUILDs an instance of its numpy.dtypes class.
+# `_codecs.encode`, and unpickling the float32 dtype BUILDs an instance of numpy.dtypes.Float32DType.
 SPLIT_FILE_GLOBALS: list[Any] = [
     (_reconstruct, "numpy.core.multiarray._reconstruct"),
     (_reconstruct, "numpy._core.multiarray._reconstruct"),
     np.ndarray,
     np.dtype,
     np.dtypes.Float32DType,
-    np.dtypes.Float64DType,
-    np.dtypes.Int32DType,
-    np.dtypes.Int64DType,
     _codecs.encode,
 ]
 

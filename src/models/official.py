@@ -237,7 +237,10 @@ def convert_state_dict(
 
 
 def load_official(model: Grounder, official: Mapping[str, torch.Tensor]) -> OfficialConversion:
-    """Convert `official` and load it strictly into `model`; raises listing every problem at once."""
+    """Convert `official` and load it strictly into `model`; raises listing every problem at once.
+
+    Tensors take the model's dtypes: official GPU checkpoints hold CLIP in fp16, which loads losslessly.
+    """
     target = model.state_dict()
     conversion = convert_state_dict(official, target)
     problems = conversion.problems()
