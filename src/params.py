@@ -48,26 +48,28 @@ def count(module: nn.Module, trainable: bool | None = None) -> int:
     return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
 
 
-def parameter_report(model: nn.Module) -> dict[str, float | int]:
-    """Trainable / frozen / tunable-backbone counts and the tunable share of the backbones in %."""
+def parameter_report(model: nn.Module) -> dict[str, float | int | str]:
+    """Trainable / frozen / tunable-backbone counts, the tunable share of the backbones in %, and
+    `summary`, the paper's figure as one line (e.g. `2,774,043 / 196,062,720 = 1.41%`)."""
     tunable = set(model.tunable_backbone_names)
     tunable_backbone = sum(p.numel() for n, p in model.named_parameters() if n in tunable)
     backbone_total = model.reference.size()
+    pct = 100 * tunable_backbone / backbone_total
     return {
         "trainable": count(model, True),
         "frozen": count(model, False),
         "tunable_backbone": tunable_backbone,
         "backbone_total": backbone_total,
-        "tunable_backbone_pct": round(100 * tunable_backbone / backbone_total, 4),
+        "tunable_backbone_pct": round(pct, 4),
+        "summary": f"{tunable_backbone:,} / {backbone_total:,} = {pct:.2f}%",
     }
 
 
-def format_report(report: dict[str, float | int]) -> str:
-    """One human line, e.g. `tunable backbone 2,774,043 / 196,062,720 = 1.41%`."""
+def format_report(report: dict[str, float | int | str]) -> str:
+    """One human line for the run log: trainable, frozen and the tunable-backbone share."""
     return (
         f"parameters: trainable {report['trainable']:,} | frozen {report['frozen']:,} | "
-        f"tunable backbone {report['tunable_backbone']:,} / {report['backbone_total']:,} "
-        f"= {report['tunable_backbone_pct']:.2f}%"
+        f"tunable backbone {report['summary']}"
     )
 
 

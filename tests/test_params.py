@@ -26,6 +26,7 @@ def test_paper_configuration_official_mode_gives_1_41_percent(capsys: pytest.Cap
     assert r["tunable_backbone"] == 2_774_043  # LoCA 1,581,912 + DyPA 208,323 + PGT 983,808
     assert r["backbone_total"] == 196_062_720  # BERT-base with pooler + DINOv2 ViT-B/14 with mask token
     assert r["tunable_backbone_pct"] == 1.4149 and round(r["tunable_backbone_pct"], 2) == 1.41
+    assert r["summary"] == "2,774,043 / 196,062,720 = 1.41%"
     assert r["trainable"] == 11_547_167
     assert r["trainable"] + r["frozen"] == OFFICIAL_BUILT_MINUS_UNUSED
 
