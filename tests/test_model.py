@@ -125,7 +125,8 @@ def test_frozen_and_full_methods_need_no_prior():
 
 def test_clean_mode_silences_frozen_backbone_dropout_official_keeps_bert_dropout():
     def text_dropout_training(model):
-        return {m.training for n, m in model.named_modules() if n.startswith("text.") and isinstance(m, torch.nn.Dropout)}
+        modules = model.named_modules()
+        return {m.training for n, m in modules if n.startswith("text.") and isinstance(m, torch.nn.Dropout)}
 
     assert text_dropout_training(tiny().train()) == {False}
     assert text_dropout_training(tiny("official").train()) == {True}
