@@ -14,6 +14,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
 from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -33,10 +34,14 @@ class VisionSettings:
     mlp_ratio: float | None = None
     reg_tokens: int | None = None
     init_values: float | None = None
+    # Position table of a randomly initialised ViT: "timm" keeps timm's init (std 0.02, which leaves
+    # frozen random features almost position-blind); "sincos" writes a fixed 2D sin-cos table (as MAE
+    # does). Ignored when pretrained weights are loaded.
+    random_pos_embed: str = "timm"
 
     def overrides(self) -> dict[str, Any]:
         """The architecture overrides that are set, as timm keyword arguments."""
-        names = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "reg_tokens", "init_values")
+        names = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "reg_tokens", "init_values")  # timm's
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
@@ -186,12 +191,24 @@ def build_vit(settings: VisionSettings, image_size: int, pretrained: bool, drop_
     """Create the timm ViT at `image_size`; without registers when `drop_registers` (official mode)."""
     kwargs: dict[str, Any] = dict(img_size=image_size, num_classes=0, **settings.overrides())
     if not drop_registers:
-        return _create_timm(settings, pretrained, **kwargs)
-    plain = timm.create_model(settings.arch, pretrained=False, **{**kwargs, "reg_tokens": 0, "no_embed_class": False})
-    if pretrained:
-        source = _create_timm(settings, True, **kwargs)
-        load_without_registers(plain, source.state_dict())
-    return plain
+        vit = _create_timm(settings, pretrained, **kwargs)
+    else:
+        vit = timm.create_model(settings.arch, pretrained=False, **{**kwargs, "reg_tokens": 0, "no_embed_class": False})
+        if pretrained:
+            load_without_registers(vit, _create_timm(settings, True, **kwargs).state_dict())
+    if not pretrained and settings.random_pos_embed != "timm":
+        set_sincos_positions(vit, settings.random_pos_embed)
+    return vit
+
+
+def set_sincos_positions(vit: nn.Module, kind: str) -> None:
+    """Overwrite a random ViT's patch position rows with a fixed 2D sin-cos table (class slot zero)."""
+    if kind != "sincos":
+        raise ValueError(f"vision.random_pos_embed must be 'timm' or 'sincos', got {kind!r}")
+    table = build_sincos2d_pos_embed(list(vit.patch_embed.grid_size), vit.embed_dim)
+    with torch.no_grad():
+        vit.pos_embed.zero_()
+        vit.pos_embed[0, vit.pos_embed.shape[1] - table.shape[0] :] = table
 
 
 def _create_timm(settings: VisionSettings, pretrained: bool, **kwargs: Any) -> nn.Module:
