@@ -156,3 +156,20 @@ def test_wrong_query_length_is_rejected():
     x["text_ids"], x["text_mask"] = x["text_ids"][:, :4], x["text_mask"][:, :4]
     with pytest.raises(ValueError, match="max_query_len"):
         tiny()(**x)
+
+
+def test_fusion_positions_start_small_in_clean_mode_and_unit_normal_in_official_mode():
+    assert tiny().pos_embed.weight.std().item() < 0.05
+    assert 0.8 < tiny("official").pos_embed.weight.std().item() < 1.2
+
+
+def test_sincos_positions_for_random_vits():
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    vision = {**TINY_MODEL["vision"], "random_pos_embed": "sincos"}
+    vit = tiny(vision=vision).vision.vit
+    table = build_sincos2d_pos_embed(list(vit.patch_embed.grid_size), vit.embed_dim)
+    assert torch.equal(vit.pos_embed[0, -table.shape[0]:], table)
+    assert tiny().vision.vit.pos_embed.abs().max() < 0.2  # timm's own random init is tiny
+    with pytest.raises(ValueError, match="random_pos_embed"):
+        tiny(vision={**TINY_MODEL["vision"], "random_pos_embed": "learned"})

@@ -70,6 +70,7 @@ class Grounder(nn.Module):
         self.text_proj = nn.Linear(text.hidden_size, d)
         self.reg_token = nn.Embedding(1, d)
         self.pos_embed = nn.Embedding(1 + max_query_len + vision.num_output_tokens, d)
+        nn.init.normal_(self.pos_embed.weight, std=1.0 if quirks.unit_normal_fusion_positions else 0.02)
         self.fusion = FusionEncoder(d, fusion.heads, fusion.ffn_dim, fusion.layers, fusion.dropout)
         self.head = BoxHead(d)
         self.tunable_backbone_names: list[str] = []

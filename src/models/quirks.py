@@ -38,6 +38,10 @@ class ModelQuirks:
     nearest_patch_mask: bool = False
     # §6.6: frozen BERT keeps its dropout active in training.
     frozen_text_dropout: bool = False
+    # §1.8: the fusion's learned position table starts N(0, 1) (nn.Embedding's default). Added to
+    # queries and keys, such large positions drown the content in the attention logits, and
+    # content-based matching (phrase -> object) learns far slower than from an N(0, 0.02) start.
+    unit_normal_fusion_positions: bool = False
 
     @classmethod
     def for_mode(cls, mode: str) -> ModelQuirks:
