@@ -17,10 +17,12 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.lit import GroundingModule
+from src.models.quirks import ModelQuirks
 from src.params import format_report, parameter_report
+from src.pretrain_vision import VisionPretraining, ensure_pretrained_vit
 from src.report import prediction_grid, print_table, split_metrics, write_results
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,27 @@ def build_module(cfg: DictConfig) -> GroundingModule:
         scheduler_interval=optim.get("scheduler_interval", "epoch"),
         group_lr=dict(optim.get("group_lr") or {}),
     )
+
+
+def apply_vision_pretraining(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
+    """Run (or reuse) the cached synthetic pretraining of a random ViT and point the model at it.
+
+    Only meaningful for randomly initialised backbones on the synthetic benchmark; skipped otherwise.
+    """
+    settings = cfg.get("vision_pretraining")
+    if not settings:
+        return
+    if cfg.model.pretrained or getattr(datamodule, "spec", None) is None or datamodule.spec.key != "synthetic":
+        log.info("vision pretraining skipped: it is for random-init backbones on the synthetic benchmark")
+        return
+    datamodule.prepare_data()
+    path = ensure_pretrained_vit(
+        datamodule.synthetic_root(), OmegaConf.to_container(cfg.model.vision, resolve=True), cfg.model.image_size,
+        VisionPretraining(**settings), Path(cfg.paths.cache_dir),
+        drop_registers=ModelQuirks.for_mode(cfg.model.mode).drop_vision_registers,
+    )
+    with open_dict(cfg):
+        cfg.model.vision.init_checkpoint = str(path)
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
@@ -76,6 +99,7 @@ def run(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.data)
+    apply_vision_pretraining(cfg, datamodule)
     module = build_module(cfg)
     params = parameter_report(module.model)
     log.info(format_report(params))

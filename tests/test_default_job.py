@@ -15,7 +15,7 @@ from src.run import run
 from tests.conftest import PROJECT_ROOT
 
 TINY_JOB = [
-    "data.synthetic.n_train=24", "data.synthetic.n_val=6", "data.synthetic.n_test=6", "data.num_workers=0",
+    "vision_pretraining.steps=5", "vision_pretraining.batch_size=4", "data.synthetic.n_train=24", "data.synthetic.n_val=6", "data.synthetic.n_test=6", "data.num_workers=0",
     "data.batch_size=8", "trainer.max_epochs=2", "visualize=4", "callbacks.progress_bar=null",
 ]
 
@@ -33,6 +33,7 @@ def test_default_job_writes_every_artefact(tmp_path: Path):
     assert results["wall_seconds"] > 0
     assert results["parameters"]["tunable_backbone"] > 0
     assert results["config"]["model"]["mode"] == "clean"
+    assert Path(results["config"]["model"]["vision"]["init_checkpoint"]).exists()  # the pretraining stage ran
     assert (out / "predictions.png").stat().st_size > 0
     assert list((out / "checkpoints").glob("*.ckpt"))
     metrics_csv = (out / "csv" / "metrics.csv").read_text()

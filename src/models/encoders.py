@@ -38,6 +38,9 @@ class VisionSettings:
     # frozen random features almost position-blind); "sincos" writes a fixed 2D sin-cos table (as MAE
     # does). Ignored when pretrained weights are loaded.
     random_pos_embed: str = "timm"
+    # A local state dict loaded into the randomly built ViT (e.g. the synthetic pretraining stage's
+    # output, src/pretrain_vision.py); independent of model.pretrained.
+    init_checkpoint: str | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The architecture overrides that are set, as timm keyword arguments."""
@@ -198,6 +201,8 @@ def build_vit(settings: VisionSettings, image_size: int, pretrained: bool, drop_
             load_without_registers(vit, _create_timm(settings, True, **kwargs).state_dict())
     if not pretrained and settings.random_pos_embed != "timm":
         set_sincos_positions(vit, settings.random_pos_embed)
+    if settings.init_checkpoint:
+        vit.load_state_dict(torch.load(settings.init_checkpoint, map_location="cpu", weights_only=True), strict=True)
     return vit
 
 
