@@ -15,7 +15,8 @@ from src.run import run
 from tests.conftest import PROJECT_ROOT
 
 TINY_JOB = [
-    "vision_pretraining.steps=5", "vision_pretraining.batch_size=4", "data.synthetic.n_train=24", "data.synthetic.n_val=6", "data.synthetic.n_test=6", "data.num_workers=0",
+    "vision_pretraining.steps=5", "vision_pretraining.batch_size=4",
+    "data.synthetic.n_train=24", "data.synthetic.n_val=6", "data.synthetic.n_test=6", "data.num_workers=0",
     "data.batch_size=8", "trainer.max_epochs=2", "visualize=4", "callbacks.progress_bar=null",
 ]
 
