@@ -20,9 +20,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.lit import GroundingModule
-from src.models.quirks import ModelQuirks
 from src.params import format_report, parameter_report
 from src.pretrain_vision import VisionPretraining, ensure_pretrained_vit
+from src.quirks import ModelQuirks
 from src.report import prediction_grid, print_table, split_metrics, write_results
 
 log = logging.getLogger(__name__)

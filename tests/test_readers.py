@@ -24,8 +24,8 @@ from src.data.readers import (
     restricted_pickle_load,
 )
 from src.data.records import Record
+from tests.conftest import SHARED
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SPLITS = SHARED / "data" / "splits"
 needs_splits = pytest.mark.skipif(
     not SPLITS.is_dir(), reason=f"real split files not found at {SPLITS} (only in the development workspace)"

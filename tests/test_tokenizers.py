@@ -28,8 +28,8 @@ from src.data.tokenizers import (
     clip_vocab_files,
     read_clip_vocab,
 )
+from tests.conftest import SHARED
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_VOCAB = SHARED / "data" / "vocab"
 CASES = sorted((SHARED / "parity" / "cases").glob("*.json")) if SHARED.is_dir() else []
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from PIL import Image
 from src.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    AugmentQuirks,
     AugmentSettings,
     EvalTransform,
     TrainTransform,
@@ -26,8 +24,9 @@ from src.data.transforms import (
     names_direction,
     swap_left_right,
 )
+from src.quirks import AugmentQuirks
+from tests.conftest import SHARED
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PHOTOS = SHARED / "data" / "photos"
 pytestmark = pytest.mark.skipif(
     not (PHOTOS / "annotations.json").is_file(),

@@ -16,7 +16,8 @@ from src.data.dataset import RecordDataset, collate
 from src.data.readers import is_degenerate, read_jsonl, read_refer, read_transvg
 from src.data.records import Record
 from src.data.tokenizers import bert_tokenizer, clip_tokenizer
-from src.data.transforms import MODES, AugmentSettings, build_transform
+from src.data.transforms import AugmentSettings, build_transform
+from src.quirks import MODES
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ functionals and `tv_tensors.BoundingBoxes`; written by hand are only the parts v
 direction-word-aware choice between resize-only and resize+crop+resize, the box-aware crop, the
 text-aware flip and the random placement on the canvas. Geometry scales with S: sizes given at the
 official S = 518 (long sides 518 - 32k, short sides 400/500/600, crop 384..600) are multiplied by S/518.
-The official quirks (§6.8) are named switches in `AugmentQuirks`.
+The official quirks (§6.8) are named switches in `src.quirks.AugmentQuirks`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from src.quirks import AugmentQuirks
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 REFERENCE_SIZE = 518  # the official image size; the official pixel sizes below are given at this size
-MODES = ("clean", "official")
 
 _DIRECTION_SUBSTRINGS = ("left", "right", "top", "bottom", "middle")
 _DIRECTION_WORD = re.compile(r"\b(?:left|right|top|bottom|middle)(?:most)?\b")
@@ -33,27 +34,6 @@ _LEFT_RIGHT_WORD = re.compile(r"\b(left|right)(most)?\b")
 _SWAP_PLACEHOLDER = "\x00"
 
 
-@dataclass(frozen=True)
-class AugmentQuirks:
-    """Switches for the TransVG/MaPPER augmentation quirks (mapper-spec §6.8); all on in official mode."""
-
-    # The flip swaps the substrings "left"/"right" ("bright" -> "bleft", "upright" -> "upleft");
-    # off: only the whole words left/right/leftmost/rightmost are swapped.
-    substring_flip_swap: bool = False
-    # The "phrase names a direction, so never crop" test matches substrings ("bright", "stopped");
-    # off: whole words left/right/top/bottom/middle, optionally with "-most".
-    substring_direction_test: bool = False
-    # The crop is accepted when the box centre x exceeds the crop's top row and the centre y its left
-    # column (i/j swapped), with no right/bottom check; off: the box centre must lie inside the crop.
-    swapped_crop_check: bool = False
-
-    @classmethod
-    def for_mode(cls, mode: str) -> AugmentQuirks:
-        """All quirks off for `clean`, all on for `official`."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        on = mode == "official"
-        return cls(**{f.name: on for f in fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from src.models.encoders import (
 )
 from src.models.fusion import BoxHead, FusionEncoder
 from src.models.peft.base import PeftMethod
-from src.models.quirks import ModelQuirks
 from src.params import BackboneReference
+from src.quirks import ModelQuirks
 
 
 @dataclass

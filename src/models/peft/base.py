@@ -11,7 +11,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from src.models.encoders import TextEncoder, VisionEncoder
-    from src.models.quirks import ModelQuirks
+    from src.quirks import ModelQuirks
 
 
 class PeftTarget(Protocol):

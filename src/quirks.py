@@ -1,21 +1,35 @@
 """Every behaviour of the official MaPPER code that differs from the paper's intent, in one place.
 
 `model.mode=clean` (default) turns every quirk off; `model.mode=official` turns every quirk on, so
-that official checkpoints load and compute exactly what the official code computes. Modules receive
-the single flags they need; nothing else in the code asks which mode is active.
+that official checkpoints load and compute exactly what the official code computes. Model quirks
+(`ModelQuirks`) and data-augmentation quirks (`AugmentQuirks`) live here side by side; modules and
+transforms receive the single flags they need, and nothing else in the code asks which mode is active.
+(The official loader's int truncation of boxes is the reader setting `reader.int_boxes`.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, Self
 
 Mode = Literal["clean", "official"]
 MODES: tuple[str, ...] = ("clean", "official")
 
 
+class QuirkSwitches:
+    """Base of the quirk sets: boolean dataclass fields, all off in clean mode, all on in official."""
+
+    @classmethod
+    def for_mode(cls, mode: str) -> Self:
+        """All quirks off for `clean`, all on for `official`."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        on = mode == "official"
+        return cls(**{f.name: on for f in fields(cls)})
+
+
 @dataclass(frozen=True)
-class ModelQuirks:
+class ModelQuirks(QuirkSwitches):
     """Switches for the official model's numerically relevant quirks (mapper-spec §6)."""
 
     # §6.1b: the CLIP prior is fed BERT WordPiece ids instead of CLIP BPE ids, with no padding mask.
@@ -43,10 +57,17 @@ class ModelQuirks:
     # content-based matching (phrase -> object) learns far slower than from an N(0, 0.02) start.
     unit_normal_fusion_positions: bool = False
 
-    @classmethod
-    def for_mode(cls, mode: str) -> ModelQuirks:
-        """All quirks off for `clean`, all on for `official`."""
-        if mode not in MODES:
-            raise ValueError(f"model.mode must be one of {MODES}, got {mode!r}")
-        on = mode == "official"
-        return cls(**{f.name: on for f in fields(cls)})
+
+@dataclass(frozen=True)
+class AugmentQuirks(QuirkSwitches):
+    """Switches for the TransVG/MaPPER augmentation quirks (mapper-spec §6.8); all on in official mode."""
+
+    # The flip swaps the substrings "left"/"right" ("bright" -> "bleft", "upright" -> "upleft");
+    # off: only the whole words left/right/leftmost/rightmost are swapped.
+    substring_flip_swap: bool = False
+    # The "phrase names a direction, so never crop" test matches substrings ("bright", "stopped");
+    # off: whole words left/right/top/bottom/middle, optionally with "-most".
+    substring_direction_test: bool = False
+    # The crop is accepted when the box centre x exceeds the crop's top row and the centre y its left
+    # column (i/j swapped), with no right/bottom check; off: the box centre must lie inside the crop.
+    swapped_crop_check: bool = False
