@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -15,3 +18,12 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     """The run configuration with `overrides` applied, as `python -m src.run` would see it."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=False)
+
+
+def checked_fields(cls: type, config: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    """`config` as a plain dict for the dataclass `cls`, refusing keys it has no field for."""
+    config = dict(config or {})
+    unknown = set(config) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} settings {sorted(unknown)}")
+    return config

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
 
+from src.config import checked_fields
 from src.data.benchmarks import BOX_FORMATS, BenchmarkSpec, get_benchmark
 from src.data.dataset import RecordDataset, collate
 from src.data.readers import is_degenerate, read_jsonl, read_refer, read_transvg
@@ -42,11 +43,7 @@ class ReaderSettings:
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> ReaderSettings:
         """Build from a config mapping, rejecting unknown keys."""
-        config = dict(config or {})
-        unknown = set(config) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown reader settings {sorted(unknown)}")
-        return cls(**config)
+        return cls(**checked_fields(cls, config, "reader"))
 
 
 def split_degenerate(records: Sequence[Record]) -> tuple[list[Record], list[int]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from src.config import checked_fields
 from src.quirks import AugmentQuirks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,10 +61,7 @@ class AugmentSettings:
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> AugmentSettings:
         """Build from a config mapping, turning lists into tuples and rejecting unknown keys."""
-        config = dict(config or {})
-        unknown = set(config) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown augmentation settings {sorted(unknown)}")
+        config = checked_fields(cls, config, "augmentation")
         return cls(
             **{
                 k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
