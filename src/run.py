@@ -69,7 +69,7 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
-def test_splits(trainer: L.Trainer, module: GroundingModule, loaders: list, names: list[str], ckpt: str | None):
+def evaluate_splits(trainer: L.Trainer, module: GroundingModule, loaders: list, names: list[str], ckpt: str | None):
     """Run the test loop over `loaders` named `names`; returns per-split acc50/miou/n."""
     module.set_test_splits(names)
     trainer.test(module, dataloaders=loaders, ckpt_path=ckpt, verbose=False)
@@ -119,11 +119,11 @@ def run(cfg: DictConfig) -> float | None:
         return best_score
     datamodule.setup("test")
     names = list(datamodule.test_split_names)
-    splits = test_splits(trainer, module, datamodule.test_dataloader(), names, best_ckpt)
+    splits = evaluate_splits(trainer, module, datamodule.test_dataloader(), names, best_ckpt)
     shuffled = {}
     if cfg.shuffled_text_check:
         loaders = [datamodule.shuffled_text_dataloader(n) for n in names]
-        scores = test_splits(trainer, module, loaders, [f"{n}_shuffled_text" for n in names], None)
+        scores = evaluate_splits(trainer, module, loaders, [f"{n}_shuffled_text" for n in names], None)
         shuffled = {n: {"acc50": scores[f"{n}_shuffled_text"]["acc50"]} for n in names}
     if not trainer.is_global_zero:
         return best_score
