@@ -86,6 +86,16 @@ class GroundingModule(L.LightningModule):
             metric.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
+        optimizer, scheduler = self.build_optimizer(int(self.trainer.estimated_stepping_batches))
+        if scheduler is None:
+            return {"optimizer": optimizer}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+
+    def build_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, Any | None]:
+        """The optimiser over the trainable groups (per-group LRs from `group_lr`) and its scheduler.
+
+        A scheduler factory that takes `total_steps` is given the run's number of optimiser steps.
+        """
         groups = [
             {"params": params, "name": role, **({"lr": self.group_lr[role]} if role in self.group_lr else {})}
             for role, params in self.model.optimizer_groups().items()
@@ -93,9 +103,8 @@ class GroundingModule(L.LightningModule):
         ]
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
-            return {"optimizer": optimizer}
+            return optimizer, None
         kwargs = {}
         if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
-            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
-        scheduler = self.scheduler_factory(optimizer, **kwargs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+            kwargs["total_steps"] = total_steps
+        return optimizer, self.scheduler_factory(optimizer, **kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -20,7 +21,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.lit import GroundingModule
+from src.models.encoders import (
+    PriorSettings,
+    TextEncoder,
+    TextPrior,
+    TextSettings,
+    build_bert,
+    build_clip_text,
+)
 from src.params import format_report, parameter_report
+from src.pretrain_text import TextPretraining, ensure_pretrained_text
 from src.pretrain_vision import VisionPretraining, ensure_pretrained_vit
 from src.quirks import ModelQuirks
 from src.report import prediction_grid, print_table, split_metrics, write_results
@@ -38,28 +48,58 @@ def build_module(cfg: DictConfig) -> GroundingModule:
         scheduler=instantiate(optim.scheduler) if optim.get("scheduler") else None,
         scheduler_interval=optim.get("scheduler_interval", "epoch"),
         group_lr=dict(optim.get("group_lr") or {}),
+        loss=instantiate(cfg.loss) if cfg.get("loss") else None,
     )
 
 
-def apply_vision_pretraining(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
-    """Run (or reuse) the cached synthetic pretraining of a random ViT and point the model at it.
+def apply_backbone_pretraining(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
+    """Run (or reuse) the cached synthetic pretraining of random-init backbones and point the model at it.
 
-    Only meaningful for randomly initialised backbones on the synthetic benchmark; skipped otherwise.
+    Both stages train on a separate synthetic corpus (`pretraining_corpus`): the ViT on its scenes
+    (`vision_pretraining`), BERT and the CLIP prior on its expressions (`text_pretraining`). Only
+    meaningful for randomly initialised backbones on the synthetic benchmark; skipped otherwise.
     """
-    settings = cfg.get("vision_pretraining")
-    if not settings:
+    vision_stage, text_stage = cfg.get("vision_pretraining"), cfg.get("text_pretraining")
+    if not (vision_stage or text_stage):
         return
     if cfg.model.pretrained or getattr(datamodule, "spec", None) is None or datamodule.spec.key != "synthetic":
-        log.info("vision pretraining skipped: it is for random-init backbones on the synthetic benchmark")
+        log.info("backbone pretraining skipped: it is for random-init backbones on the synthetic benchmark")
         return
-    datamodule.prepare_data()
-    path = ensure_pretrained_vit(
-        datamodule.synthetic_root(), OmegaConf.to_container(cfg.model.vision, resolve=True), cfg.model.image_size,
-        VisionPretraining(**settings), Path(cfg.paths.cache_dir),
-        drop_registers=ModelQuirks.for_mode(cfg.model.mode).drop_vision_registers,
-    )
+    corpus = datamodule.synthetic_corpus(**cfg.pretraining_corpus)
+    model, cache = cfg.model, Path(cfg.paths.cache_dir)
+    quirks = ModelQuirks.for_mode(model.mode)
+    paths: dict[str, Path] = {}
+    if vision_stage:
+        paths["vision"] = ensure_pretrained_vit(
+            corpus, plain(model.vision), model.image_size, VisionPretraining(**vision_stage), cache,
+            drop_registers=quirks.drop_vision_registers,
+        )
+    if text_stage:
+        bert_tok, clip_tok = datamodule.tokenizers()
+        text, prior = TextSettings(**plain(model.text)), PriorSettings(**plain(model.prior))
+        token_type = not quirks.bert_without_token_type
+        stage = TextPretraining(**text_stage)
+
+        def bert() -> tuple[torch.nn.Module, Callable]:
+            encoder = TextEncoder(build_bert(text, pretrained=False, token_type=token_type))
+            return encoder.bert, encoder
+
+        def clip() -> tuple[torch.nn.Module, Callable]:
+            tower = TextPrior(build_clip_text(prior, pretrained=False))
+            return tower.clip, tower
+
+        paths["text"] = ensure_pretrained_text(corpus, "bert", text.config, bert, bert_tok, model.max_query_len,
+                                               stage, cache)
+        paths["prior"] = ensure_pretrained_text(corpus, "clip", prior.config, clip, clip_tok,
+                                                model.max_query_len, stage, cache)
     with open_dict(cfg):
-        cfg.model.vision.init_checkpoint = str(path)
+        for part, path in paths.items():
+            cfg.model[part].init_checkpoint = str(path)
+
+
+def plain(node: DictConfig) -> dict:
+    """A config node as a plain dict without its `init_checkpoint` (which pretraining itself sets)."""
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "init_checkpoint"}
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
@@ -99,7 +139,7 @@ def run(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.data)
-    apply_vision_pretraining(cfg, datamodule)
+    apply_backbone_pretraining(cfg, datamodule)
     module = build_module(cfg)
     params = parameter_report(module.model)
     log.info(format_report(params))

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from src.data.datamodule import GroundingDataModule
-from src.data.dataset import ImageReadError, derangement
+from src.data.dataset import CachedSamples, ImageReadError, derangement
 from src.data.records import Record
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -268,3 +268,38 @@ def test_synthetic_config_generates_and_loads(tmp_path: Path) -> None:
         cfg.model.max_query_len,
     )
     assert len(dm.datasets["val"]) == 4 and dm.dropped == {"train": 0, "val": 0}
+
+
+def test_cached_samples_equal_the_computed_ones_and_load_without_workers(root: Path) -> None:
+    plain = make_dm(root, augment={"enabled": False})
+    cached = make_dm(root, augment={"enabled": False}, cache_samples=True, num_workers=2)
+    for dm in (plain, cached):
+        dm.setup("fit")
+    assert isinstance(cached.datasets["train:train"], CachedSamples)
+    assert isinstance(cached.datasets["val"], CachedSamples)
+    for key in ("train:train", "val"):
+        for a, b in zip(plain.datasets[key], cached.datasets[key], strict=True):
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["box"], b["box"])
+            assert torch.equal(a["text_ids"], b["text_ids"]) and a["phrase"] == b["phrase"]
+    assert cached.train_dataloader().num_workers == 0 and plain.train_dataloader().num_workers == 0
+
+
+def test_random_train_transforms_are_never_cached(root: Path) -> None:
+    dm = make_dm(root, cache_samples=True, num_workers=1)
+    dm.setup("fit")
+    assert not isinstance(dm.datasets["train:train"], CachedSamples)  # augmentation is on
+    assert isinstance(dm.datasets["val"], CachedSamples)
+    assert dm.train_dataloader().num_workers == 1
+
+
+def test_pretraining_corpus_is_a_separate_synthetic_draw(tmp_path: Path) -> None:
+    dm = GroundingDataModule(dataset="synthetic", cache_dir=str(tmp_path), num_workers=0, image_size=64,
+                             synthetic={"seed": 0, "n_train": 3, "n_val": 1, "n_test": 1})
+    corpus = dm.synthetic_corpus(seed=7, scenes=4)
+    assert corpus != dm.synthetic_root()
+    records = torch.load(corpus / "splits" / "synthetic" / "synthetic_train.pth", weights_only=True)
+    benchmark = torch.load(dm.split_file("train"), weights_only=True)
+    assert len({r[0] for r in records}) == 4
+    assert [r[3] for r in records[:6]] != [r[3] for r in benchmark[:6]]
+    with pytest.raises(ValueError, match="seed other than"):
+        dm.synthetic_corpus(seed=0, scenes=4)

@@ -15,7 +15,8 @@ from src.run import run
 from tests.conftest import PROJECT_ROOT
 
 TINY_JOB = [
-    "vision_pretraining.steps=5", "vision_pretraining.batch_size=4",
+    "vision_pretraining.steps=5", "vision_pretraining.batch_size=4", "text_pretraining.steps=3",
+    "text_pretraining.batch_size=4", "pretraining_corpus.scenes=8",
     "data.synthetic.n_train=24", "data.synthetic.n_val=6", "data.synthetic.n_test=6", "data.num_workers=0",
     "data.batch_size=8", "trainer.max_epochs=2", "visualize=4", "callbacks.progress_bar=null",
 ]
@@ -34,7 +35,8 @@ def test_default_job_writes_every_artefact(tmp_path: Path):
     assert results["wall_seconds"] > 0
     assert results["parameters"]["tunable_backbone"] > 0
     assert results["config"]["model"]["mode"] == "clean"
-    assert Path(results["config"]["model"]["vision"]["init_checkpoint"]).exists()  # the pretraining stage ran
+    for backbone in ("vision", "text", "prior"):  # the pretraining stages ran
+        assert Path(results["config"]["model"][backbone]["init_checkpoint"]).exists()
     assert (out / "predictions.png").stat().st_size > 0
     assert list((out / "checkpoints").glob("*.ckpt"))
     metrics_csv = (out / "csv" / "metrics.csv").read_text()

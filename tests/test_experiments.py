@@ -32,6 +32,16 @@ def test_experiment_composes_with_its_own_settings(name: str):
     assert cfg.model.max_query_len in (16, 20, 40)
 
 
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n != "mapper_synthetic"])
+def test_paper_experiments_keep_the_official_recipe(name: str):
+    """The default job's tuned loss weights and backbone pretraining never leak into a paper recipe."""
+    cfg = compose([f"+experiment={name}"])
+    module = build_module(compose([f"+experiment={name}", "model=mapper_tiny"]))
+    assert (module.loss.l1_weight, module.loss.giou_weight) == (1.0, 1.0)
+    assert cfg.vision_pretraining is None and cfg.text_pretraining is None
+    assert cfg.model.pretrained
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_trains_one_step_at_tiny_size(name: str, tmp_path: Path):
     """Keep the experiment's PEFT method, optimiser, mode and query length; shrink model, data, trainer."""

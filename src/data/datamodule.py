@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from src.config import checked_fields
 from src.data.benchmarks import BOX_FORMATS, BenchmarkSpec, get_benchmark
-from src.data.dataset import RecordDataset, collate
+from src.data.dataset import CachedSamples, RecordDataset, collate
 from src.data.readers import is_degenerate, read_jsonl, read_refer, read_transvg
 from src.data.records import Record
 from src.data.tokenizers import bert_tokenizer, clip_tokenizer
@@ -79,6 +79,7 @@ class GroundingDataModule(L.LightningDataModule):
         drop_last: bool = True,
         pin_memory: bool = False,
         shuffle_text_seed: int = 0,
+        cache_samples: bool = False,
     ) -> None:
         """Store the settings; nothing is read until prepare_data/setup."""
         super().__init__()
@@ -96,10 +97,11 @@ class GroundingDataModule(L.LightningDataModule):
         self.bert_vocab, self.clip_vocab = bert_vocab, clip_vocab
         self.cache_dir, self.synthetic = cache_dir, dict(synthetic or {})
         self.drop_last, self.pin_memory, self.shuffle_text_seed = drop_last, pin_memory, shuffle_text_seed
+        self.cache_samples = cache_samples
         self._split_root, self._image_root, self._data_root = split_root, image_root, data_root
         self._synthetic_root: Path | None = None
         self._tokenizers: tuple[Any, Any] | None = None
-        self.datasets: dict[str, RecordDataset] = {}
+        self.datasets: dict[str, Dataset] = {}
         self.dropped: dict[str, int] = {}
         self._records: dict[str, list[Record]] = {}
 
@@ -119,6 +121,20 @@ class GroundingDataModule(L.LightningDataModule):
                 raise ValueError("data.cache_dir must be set for the synthetic benchmark")
             self._synthetic_root = Path(ensure_synthetic(self.cache_dir, **self.synthetic))
         return self._synthetic_root
+
+    def synthetic_corpus(self, seed: int, scenes: int) -> Path:
+        """A separate synthetic corpus (train split only) drawn like the benchmark but from another seed.
+
+        Backbone pretraining uses it, so that the benchmark's own splits are seen only by the grounder.
+        """
+        from src.data.synthetic import ensure_synthetic
+
+        if self.cache_dir is None:
+            raise ValueError("data.cache_dir must be set for the synthetic benchmark")
+        if seed == self.synthetic.get("seed", 0):
+            raise ValueError(f"the pretraining corpus needs a seed other than the benchmark's ({seed})")
+        settings = {**self.synthetic, "seed": seed, "n_train": scenes, "n_val": 0, "n_test": 0}
+        return Path(ensure_synthetic(self.cache_dir, **settings))
 
     @property
     def data_root(self) -> Path | None:
@@ -227,11 +243,15 @@ class GroundingDataModule(L.LightningDataModule):
 
     def make_dataset(
         self, split: str, train: bool, phrase_permutation_seed: int | None = None
-    ) -> RecordDataset:
-        """A RecordDataset over a split's usable records with the train or eval transform."""
+    ) -> Dataset:
+        """A RecordDataset over a split's usable records with the train or eval transform.
+
+        With `cache_samples`, a split whose transform is deterministic (eval, or train with augmentation
+        off) is computed once into memory instead.
+        """
         bert, clip = self.tokenizers()
         transform = build_transform(train, self.image_size, self.augment, self.mode)
-        return RecordDataset(
+        dataset = RecordDataset(
             self.usable_records(split),
             self.image_root,
             transform,
@@ -240,6 +260,10 @@ class GroundingDataModule(L.LightningDataModule):
             self.max_query_len,
             phrase_permutation_seed,
         )
+        if self.cache_samples and not (train and self.augment.enabled):
+            log.info("caching the %d samples of %s in memory", len(dataset), split)
+            return CachedSamples(dataset)
+        return dataset
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets the stage needs (fit: train + val; validate: val; test: the test splits)."""
@@ -257,20 +281,24 @@ class GroundingDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------ loaders
 
-    def _loader(self, dataset: RecordDataset, train: bool) -> DataLoader:
-        """A DataLoader with the Batch collate; shuffled and dropping the last partial batch when training."""
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        """A DataLoader with the Batch collate; shuffled and dropping the last partial batch when training.
+
+        Cached datasets are served without worker processes: nothing is left for them to compute.
+        """
+        workers = 0 if isinstance(dataset, CachedSamples) else self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
             drop_last=train and self.drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=self.pin_memory,
             collate_fn=collate,
         )
 
-    def _dataset(self, key: str, split: str, train: bool) -> RecordDataset:
+    def _dataset(self, key: str, split: str, train: bool) -> Dataset:
         """A dataset built by setup, or built now when setup did not cover it."""
         if key not in self.datasets:
             self.datasets[key] = self.make_dataset(split, train)

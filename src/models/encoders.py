@@ -54,6 +54,8 @@ class TextSettings:
 
     weights: str = "bert-base-uncased"
     config: dict[str, Any] = field(default_factory=dict)
+    # A local state dict loaded into the built BertModel (e.g. src/pretrain_text.py's output).
+    init_checkpoint: str | None = None
 
 
 @dataclass
@@ -62,6 +64,8 @@ class PriorSettings:
 
     weights: str = "openai/clip-vit-base-patch16"
     config: dict[str, Any] = field(default_factory=dict)
+    # A local state dict loaded into the built CLIP text tower (e.g. src/pretrain_text.py's output).
+    init_checkpoint: str | None = None
 
 
 BERT_BASE = dict(
@@ -201,8 +205,7 @@ def build_vit(settings: VisionSettings, image_size: int, pretrained: bool, drop_
             load_without_registers(vit, _create_timm(settings, True, **kwargs).state_dict())
     if not pretrained and settings.random_pos_embed != "timm":
         set_sincos_positions(vit, settings.random_pos_embed)
-    if settings.init_checkpoint:
-        vit.load_state_dict(torch.load(settings.init_checkpoint, map_location="cpu", weights_only=True), strict=True)
+    load_checkpoint(vit, settings.init_checkpoint)
     return vit
 
 
@@ -253,6 +256,7 @@ def build_bert(settings: TextSettings, pretrained: bool, token_type: bool) -> Be
         bert = BertModel(config, add_pooling_layer=False)
     if not token_type:
         bert.embeddings.token_type_embeddings = ZeroTokenType(config.hidden_size)
+    load_checkpoint(bert, settings.init_checkpoint)
     return bert
 
 
@@ -265,5 +269,14 @@ def build_clip_text(settings: PriorSettings, pretrained: bool) -> CLIPTextModelW
     """Only CLIP's text tower and its projection are built (the image tower would be dead weight)."""
     config = clip_config(settings)
     if pretrained:
-        return CLIPTextModelWithProjection.from_pretrained(settings.weights, config=config)
-    return CLIPTextModelWithProjection(config)
+        clip = CLIPTextModelWithProjection.from_pretrained(settings.weights, config=config)
+    else:
+        clip = CLIPTextModelWithProjection(config)
+    load_checkpoint(clip, settings.init_checkpoint)
+    return clip
+
+
+def load_checkpoint(module: nn.Module, path: str | None) -> None:
+    """Load a local state dict (strictly) into a freshly built backbone; nothing when `path` is None."""
+    if path:
+        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
