@@ -3,7 +3,8 @@
 No pretrained weights exist offline, and a frozen *random* ViT gives features from which the fusion
 head learns to ground phrases very slowly. This stage gives the tiny default job backbones whose
 freezing means something, the way DINOv2's pretraining does for the real model: the ViT is trained
-for a few hundred steps on the synthetic *training* scenes to predict, for every patch, the colour and
+for about a thousand steps on the scenes of a synthetic corpus (a separate draw of the generator, so
+the benchmark's own images are seen only by the grounder) to predict, for every patch, the colour and
 shape of the object covering it (or background) and that object's box. Only scene layouts are used
 (never the referring expressions), the weights are cached by their settings, and the grounder then
 loads them into its ViT (`model.vision.init_checkpoint`) and freezes them as usual.
