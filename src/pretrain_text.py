@@ -13,10 +13,7 @@ and freezes them as usual.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -29,6 +26,7 @@ from torch.nn import functional as F
 
 from src.data.synthetic import split_path
 from src.data.tokenizers import Tokenizer
+from src.weights_cache import cached_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -82,24 +80,20 @@ def ensure_pretrained_text(
     `build()` returns the freshly built module to save and the function giving its per-token
     features; `tower` ("bert" / "clip") and `tower_config` name it in the cache key.
     """
-    key = json.dumps({"corpus": corpus.name, "tower": tower, "config": tower_config, "max_len": max_len,
-                      **asdict(settings)}, sort_keys=True)
-    path = Path(cache_dir) / f"{tower}-synthetic-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
-    if path.exists():
-        return path
-    start = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    module, features = build()
-    phrases, vocab, labels = phrase_labels(corpus)
-    ids, mask = tokenizer(phrases, max_len)
-    loss = train_tokens(module, features, ids, mask, labels, [len(v) for v in vocab.values()], settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(module.state_dict(), tmp)
-    tmp.rename(path)
-    log.info("%s pretraining: %d steps in %.1f s, final loss %.3f -> %s", tower, settings.steps,
-             time.perf_counter() - start, loss, path)
-    return path
+    key = {"corpus": corpus.name, "tower": tower, "config": tower_config, "max_len": max_len, **asdict(settings)}
+
+    def train() -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        torch.manual_seed(settings.seed)
+        module, features = build()
+        phrases, vocab, labels = phrase_labels(corpus)
+        ids, mask = tokenizer(phrases, max_len)
+        loss = train_tokens(module, features, ids, mask, labels, [len(v) for v in vocab.values()], settings)
+        log.info("%s pretraining: %d steps in %.1f s, final loss %.3f", tower, settings.steps,
+                 time.perf_counter() - start, loss)
+        return module.state_dict()
+
+    return cached_state_dict(cache_dir, tower, key, train)
 
 
 def train_tokens(

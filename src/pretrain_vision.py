@@ -12,10 +12,7 @@ loads them into its ViT (`model.vision.init_checkpoint`) and freezes them as usu
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ from torch.nn import functional as F
 from src.data.synthetic import COLOURS, SHAPES, split_path
 from src.data.transforms import EvalTransform
 from src.models.encoders import VisionSettings, build_vit
+from src.weights_cache import cached_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +48,20 @@ def ensure_pretrained_vit(
 ) -> Path:
     """Path of the pretrained ViT state dict for these settings, training it first if not cached."""
     vision = {k: v for k, v in vision.items() if k != "init_checkpoint"}
-    key = json.dumps({"data": synthetic_root.name, "vision": vision, "size": image_size, "no_reg": drop_registers,
-                      **asdict(settings)}, sort_keys=True)
-    path = Path(cache_dir) / f"vit-synthetic-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
-    if path.exists():
-        return path
-    start = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    vit = build_vit(VisionSettings(**vision), image_size, pretrained=False, drop_registers=drop_registers)
-    images, targets = patch_targets(synthetic_root, vit, image_size)
-    losses = train_dense(vit, images, targets, settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(vit.state_dict(), tmp)
-    tmp.rename(path)
-    log.info("vision pretraining: %d steps in %.1f s, final losses %s -> %s", settings.steps,
-             time.perf_counter() - start, {k: round(v, 3) for k, v in losses.items()}, path)
-    return path
+    key = {"data": synthetic_root.name, "vision": vision, "size": image_size, "no_reg": drop_registers,
+           **asdict(settings)}
+
+    def train() -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        torch.manual_seed(settings.seed)
+        vit = build_vit(VisionSettings(**vision), image_size, pretrained=False, drop_registers=drop_registers)
+        images, targets = patch_targets(synthetic_root, vit, image_size)
+        losses = train_dense(vit, images, targets, settings)
+        log.info("vision pretraining: %d steps in %.1f s, final losses %s", settings.steps,
+                 time.perf_counter() - start, {k: round(v, 3) for k, v in losses.items()})
+        return vit.state_dict()
+
+    return cached_state_dict(cache_dir, "vit", key, train)
 
 
 def patch_targets(root: Path, vit: nn.Module, image_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
