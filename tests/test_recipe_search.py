@@ -49,9 +49,9 @@ def test_a_trial_records_its_learning_curve(tmp_path: Path):
 
 def test_a_trial_with_random_train_transforms_is_refused(tmp_path: Path):
     search = load_script()
-    trial = {"name": "aug", "steps": 2, "eval_every": 1,
-             "overrides": [f"paths.cache_dir={tmp_path / 'cache'}", "data.synthetic.n_train=4", "data.synthetic.n_val=2",
-                           "data.synthetic.n_test=2", "data.augment.enabled=true", "vision_pretraining=null",
-                           "text_pretraining=null"]}
+    overrides = [f"paths.cache_dir={tmp_path / 'cache'}", "data.synthetic.n_train=4", "data.synthetic.n_val=2",
+                 "data.synthetic.n_test=2", "data.augment.enabled=true", "vision_pretraining=null",
+                 "text_pretraining=null"]
+    trial = {"name": "aug", "steps": 2, "eval_every": 1, "overrides": overrides}
     with pytest.raises(ValueError, match="augment.enabled=false"):
         search.run_trial(trial, str(tmp_path), "cpu", threads=1, deadline=time.time() + 600)
