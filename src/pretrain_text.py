@@ -26,6 +26,14 @@ from torch.nn import functional as F
 
 from src.data.synthetic import split_path
 from src.data.tokenizers import Tokenizer
+from src.models.encoders import (
+    PriorSettings,
+    TextEncoder,
+    TextPrior,
+    TextSettings,
+    build_bert,
+    build_clip_text,
+)
 from src.weights_cache import cached_state_dict
 
 log = logging.getLogger(__name__)
@@ -42,6 +50,18 @@ class TextPretraining:
     batch_size: int = 64
     lr: float = 1.0e-3
     seed: int = 0
+
+
+def bert_tower(settings: TextSettings, token_type: bool = True) -> tuple[nn.Module, TowerFn]:
+    """A random BERT built from `settings` (the module to save) and its per-token features."""
+    encoder = TextEncoder(build_bert(settings, pretrained=False, token_type=token_type))
+    return encoder.bert, encoder
+
+
+def clip_tower(settings: PriorSettings) -> tuple[nn.Module, TowerFn]:
+    """A random CLIP text tower built from `settings` (the module to save) and its projected token features."""
+    tower = TextPrior(build_clip_text(settings, pretrained=False))
+    return tower.clip, tower
 
 
 def expression_fields(expression: dict[str, Any], prefix: str = "") -> dict[str, str]:

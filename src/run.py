@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -21,16 +21,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.lit import GroundingModule
-from src.models.encoders import (
-    PriorSettings,
-    TextEncoder,
-    TextPrior,
-    TextSettings,
-    build_bert,
-    build_clip_text,
-)
+from src.models.encoders import PriorSettings, TextSettings
 from src.params import format_report, parameter_report
-from src.pretrain_text import TextPretraining, ensure_pretrained_text
+from src.pretrain_text import TextPretraining, bert_tower, clip_tower, ensure_pretrained_text
 from src.pretrain_vision import VisionPretraining, ensure_pretrained_vit
 from src.quirks import ModelQuirks
 from src.report import prediction_grid, print_table, split_metrics, write_results
@@ -77,20 +70,11 @@ def apply_backbone_pretraining(cfg: DictConfig, datamodule: L.LightningDataModul
     if text_stage:
         bert_tok, clip_tok = datamodule.tokenizers()
         text, prior = TextSettings(**plain(model.text)), PriorSettings(**plain(model.prior))
-        token_type = not quirks.bert_without_token_type
+        bert = partial(bert_tower, text, token_type=not quirks.bert_without_token_type)
         stage = TextPretraining(**text_stage)
-
-        def bert() -> tuple[torch.nn.Module, Callable]:
-            encoder = TextEncoder(build_bert(text, pretrained=False, token_type=token_type))
-            return encoder.bert, encoder
-
-        def clip() -> tuple[torch.nn.Module, Callable]:
-            tower = TextPrior(build_clip_text(prior, pretrained=False))
-            return tower.clip, tower
-
         paths["text"] = ensure_pretrained_text(corpus, "bert", text.config, bert, bert_tok, model.max_query_len,
                                                stage, cache)
-        paths["prior"] = ensure_pretrained_text(corpus, "clip", prior.config, clip, clip_tok,
+        paths["prior"] = ensure_pretrained_text(corpus, "clip", prior.config, partial(clip_tower, prior), clip_tok,
                                                 model.max_query_len, stage, cache)
     with open_dict(cfg):
         for part, path in paths.items():

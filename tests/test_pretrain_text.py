@@ -8,9 +8,11 @@ import torch
 
 from src.data.synthetic import ensure_synthetic, split_path
 from src.data.tokenizers import bert_tokenizer, clip_tokenizer
-from src.models.encoders import PriorSettings, TextEncoder, TextPrior, TextSettings, build_bert, build_clip_text
+from src.models.encoders import PriorSettings, TextSettings, build_bert, build_clip_text
 from src.pretrain_text import (
     TextPretraining,
+    bert_tower,
+    clip_tower,
     ensure_pretrained_text,
     expression_fields,
     phrase_labels,
@@ -26,9 +28,8 @@ def corpus(tmp_path: Path, scenes: int = 8) -> Path:
     return ensure_synthetic(tmp_path / "data", seed=5, n_train=scenes, n_val=0, n_test=0)
 
 
-def bert_tower():
-    encoder = TextEncoder(build_bert(TextSettings(config=BERT), pretrained=False, token_type=True))
-    return encoder.bert, encoder
+def tiny_bert():
+    return bert_tower(TextSettings(config=BERT))
 
 
 def test_expression_fields_flatten_the_structure_without_the_surface_form():
@@ -58,11 +59,11 @@ def test_training_makes_every_token_predict_its_phrase(tmp_path: Path):
     phrases, vocab, labels = phrase_labels(corpus(tmp_path, scenes=40))
     ids, mask = bert_tokenizer()(phrases, MAX_LEN)
     torch.manual_seed(0)
-    module, features = bert_tower()
+    module, features = tiny_bert()
     classes = [len(v) for v in vocab.values()]
     untrained = train_tokens(module, features, ids, mask, labels, classes, TextPretraining(steps=1, lr=1e-9))
     torch.manual_seed(0)
-    module, features = bert_tower()
+    module, features = tiny_bert()
     trained = train_tokens(module, features, ids, mask, labels, classes, TextPretraining(steps=150, lr=3e-3))
     assert trained < 0.5 * untrained
 
@@ -70,22 +71,21 @@ def test_training_makes_every_token_predict_its_phrase(tmp_path: Path):
 def test_stage_trains_once_caches_and_loads_into_both_towers(tmp_path: Path):
     root, cache = corpus(tmp_path), tmp_path / "cache"
     settings = TextPretraining(steps=2, batch_size=4)
-    path = ensure_pretrained_text(root, "bert", BERT, bert_tower, bert_tokenizer(), MAX_LEN, settings, cache)
+    path = ensure_pretrained_text(root, "bert", BERT, tiny_bert, bert_tokenizer(), MAX_LEN, settings, cache)
     stamp = path.stat().st_mtime_ns
-    assert ensure_pretrained_text(root, "bert", BERT, bert_tower, bert_tokenizer(), MAX_LEN, settings, cache) == path
+    assert ensure_pretrained_text(root, "bert", BERT, tiny_bert, bert_tokenizer(), MAX_LEN, settings, cache) == path
     assert path.stat().st_mtime_ns == stamp  # cached, not retrained
-    other = ensure_pretrained_text(root, "bert", BERT, bert_tower, bert_tokenizer(), MAX_LEN,
+    other = ensure_pretrained_text(root, "bert", BERT, tiny_bert, bert_tokenizer(), MAX_LEN,
                                    TextPretraining(steps=3, batch_size=4), cache)
     assert other != path
     loaded = build_bert(TextSettings(config=BERT, init_checkpoint=str(path)), pretrained=False, token_type=True)
     saved = torch.load(path, weights_only=True)
     assert torch.equal(loaded.embeddings.word_embeddings.weight, saved["embeddings.word_embeddings.weight"])
 
-    def clip_tower():
-        tower = TextPrior(build_clip_text(PriorSettings(config=CLIP), pretrained=False))
-        return tower.clip, tower
+    def tiny_clip():
+        return clip_tower(PriorSettings(config=CLIP))
 
-    clip_path = ensure_pretrained_text(root, "clip", CLIP, clip_tower, clip_tokenizer(), MAX_LEN, settings, cache)
+    clip_path = ensure_pretrained_text(root, "clip", CLIP, tiny_clip, clip_tokenizer(), MAX_LEN, settings, cache)
     clip = build_clip_text(PriorSettings(config=CLIP, init_checkpoint=str(clip_path)), pretrained=False)
     saved = torch.load(clip_path, weights_only=True)
     assert torch.equal(clip.text_projection.weight, saved["text_projection.weight"])
