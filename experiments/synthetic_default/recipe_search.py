@@ -61,7 +61,7 @@ def accuracy(model: torch.nn.Module, data: dict[str, torch.Tensor], batch_size: 
 
 
 def prepare(trial: dict[str, Any], threads: int) -> None:
-    """Generate the trial's benchmark and pretrain its ViT (both cached), before trials run in parallel."""
+    """Generate the trial's pretraining corpus and pretrain its backbones (cached), before trials run in parallel."""
     torch.set_num_threads(threads)
     cfg = compose([*trial["overrides"], *FIXED])
     apply_backbone_pretraining(cfg, instantiate(cfg.data))
@@ -85,7 +85,7 @@ def run_trial(trial: dict[str, Any], out_dir: str, device_name: str, threads: in
     val = tensors(datamodule.datasets[datamodule.val_split], device)
     test_split = datamodule.test_splits[0]
     test = tensors(datamodule.datasets[test_split], device)
-    shuffled = tensors(datamodule.make_dataset(test_split, False, datamodule.shuffle_text_seed), device)
+    shuffled = tensors(datamodule.shuffled_text_dataloader(test_split).dataset, device)
 
     module = build_module(cfg).to(device)
     model, steps, batch_size = module.model, int(trial["steps"]), int(cfg.data.batch_size)
