@@ -10,6 +10,15 @@ import lightning as L
 import torch
 from torch import nn
 
+from src.checkpoints import (
+    CHECKPOINT_FORMAT,
+    MODEL_PREFIX,
+    check_fingerprint,
+    check_state,
+    frozen_fingerprint,
+    strip_prefix,
+    trainable_state,
+)
 from src.losses import GroundingLoss
 from src.metrics import GroundingAccuracy
 from src.models.grounder import Grounder, GrounderOutput
@@ -32,11 +41,15 @@ class GroundingModule(L.LightningModule):
         scheduler_interval: str = "epoch",
         group_lr: dict[str, float] | None = None,
         loss: GroundingLoss | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        # No save_hyperparameters: the run's config lives in Hydra's .hydra/ folder, and checkpoints stay
-        # plain tensors + numbers so that they load with torch.load(weights_only=True).
+        # No save_hyperparameters: checkpoints carry the resolved run config as plain data instead, so
+        # that they load with torch.load(weights_only=True) and rebuild the model on their own.
         self.model = model
+        self.config = dict(config or {})
+        self.strict_loading = False  # checkpoints hold only what trains; on_load_checkpoint checks the keys
+        self._frozen_fingerprint: dict[str, list[float]] | None = None
         self.loss = loss or GroundingLoss()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -84,6 +97,20 @@ class GroundingModule(L.LightningModule):
             self.log(f"test_{name}/miou", scores["miou"], add_dataloader_idx=False)
             self.log(f"test_{name}/n", scores["n"].float(), add_dataloader_idx=False)
             metric.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only what trains (plus its BatchNorm buffers), the run config and the frozen fingerprint."""
+        state = trainable_state(self.model)
+        checkpoint["state_dict"] = {MODEL_PREFIX + k: v for k, v in state.items()}
+        if self._frozen_fingerprint is None:  # the frozen tensors never change during a run
+            self._frozen_fingerprint = frozen_fingerprint(self.model, state)
+        checkpoint.update(format=CHECKPOINT_FORMAT, config=self.config, frozen_fingerprint=self._frozen_fingerprint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another config (the message lists the keys) before Lightning loads it."""
+        state = strip_prefix(checkpoint["state_dict"])
+        check_state(self.model, state, "the checkpoint")
+        check_fingerprint(self.model, state, checkpoint.get("frozen_fingerprint") or {}, "the checkpoint")
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer, scheduler = self.build_optimizer(int(self.trainer.estimated_stepping_batches))

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from src.checkpoints import load_into, read_checkpoint
 from src.lit import GroundingModule
 from src.models.encoders import PriorSettings, TextSettings
 from src.params import format_report, parameter_report
@@ -27,8 +28,12 @@ from src.pretrain_text import TextPretraining, bert_tower, clip_tower, ensure_pr
 from src.pretrain_vision import VisionPretraining, ensure_pretrained_vit
 from src.quirks import ModelQuirks
 from src.report import prediction_grid, print_table, split_metrics, write_results
+from src.results import append_result, hydra_choices, result_row, results_file
 
 log = logging.getLogger(__name__)
+
+# The config entries that decide a model's weights (a checkpoint is evaluated with its own).
+WEIGHT_SETTINGS = ("model", "peft", "seed", "pretraining_corpus", "vision_pretraining", "text_pretraining")
 
 
 def build_module(cfg: DictConfig) -> GroundingModule:
@@ -42,7 +47,27 @@ def build_module(cfg: DictConfig) -> GroundingModule:
         scheduler_interval=optim.get("scheduler_interval", "epoch"),
         group_lr=dict(optim.get("group_lr") or {}),
         loss=instantiate(cfg.loss) if cfg.get("loss") else None,
+        config=resolved(cfg),
     )
+
+
+def resolved(cfg: DictConfig) -> dict:
+    """The run config as plain data (what checkpoints and results carry)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def adopt_checkpoint_model(cfg: DictConfig, stored: dict) -> None:
+    """Evaluate a checkpoint as what it was trained as: the settings that decide its weights (model,
+    PEFT method, seed, backbone pretraining stages) replace the command line's, since frozen backbones
+    are rebuilt from them; data, trainer and logging stay as configured (test it on another benchmark)."""
+    if not stored:
+        log.warning("the checkpoint carries no config: evaluating it with the model configured here")
+        return
+    with open_dict(cfg):
+        for key in WEIGHT_SETTINGS:
+            if key in stored:
+                cfg[key] = stored[key]
+    log.info("model, peft and seed taken from the checkpoint (%s)", cfg.peft.get("_target_"))
 
 
 def apply_backbone_pretraining(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
@@ -120,16 +145,22 @@ def draw_predictions(module: GroundingModule, loader, count: int, path: Path) ->
 def run(cfg: DictConfig) -> float | None:
     """Train, test and report as configured; returns the best val/acc50 (None when not training)."""
     start = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
+    evaluate_only = bool(cfg.get("ckpt_path")) and not cfg.train
+    if evaluate_only:  # the checkpoint decides the model; its frozen backbones are rebuilt below
+        stored_state, stored_config, stored_prints = read_checkpoint(cfg.ckpt_path)
+        adopt_checkpoint_model(cfg, stored_config)
+    L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     apply_backbone_pretraining(cfg, datamodule)
     module = build_module(cfg)
+    if evaluate_only:
+        load_into(module.model, stored_state, stored_prints, str(cfg.ckpt_path))
     params = parameter_report(module.model)
     log.info(format_report(params))
     trainer = build_trainer(cfg)
 
-    best_ckpt, best_score = cfg.get("ckpt_path"), None
+    best_ckpt, best_score = None, None
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         checkpoint = trainer.checkpoint_callback
@@ -139,31 +170,38 @@ def run(cfg: DictConfig) -> float | None:
         elif "val/acc50" in trainer.callback_metrics:
             best_score = float(trainer.callback_metrics["val/acc50"])
 
-    if not cfg.test:
-        return best_score
-    datamodule.setup("test")
-    names = list(datamodule.test_split_names)
-    splits = evaluate_splits(trainer, module, datamodule.test_dataloader(), names, best_ckpt)
-    shuffled = {}
-    if cfg.shuffled_text_check:
-        loaders = [datamodule.shuffled_text_dataloader(n) for n in names]
-        scores = evaluate_splits(trainer, module, loaders, [f"{n}_shuffled_text" for n in names], None)
-        shuffled = {n: {"acc50": scores[f"{n}_shuffled_text"]["acc50"]} for n in names}
+    splits, shuffled = {}, {}
+    if cfg.test:
+        datamodule.setup("test")
+        names = list(datamodule.test_split_names)
+        splits = evaluate_splits(trainer, module, datamodule.test_dataloader(), names, best_ckpt)
+        if cfg.shuffled_text_check:
+            loaders = [datamodule.shuffled_text_dataloader(n) for n in names]
+            scores = evaluate_splits(trainer, module, loaders, [f"{n}_shuffled_text" for n in names], None)
+            shuffled = {n: {"acc50": scores[f"{n}_shuffled_text"]["acc50"]} for n in names}
     if not trainer.is_global_zero:
         return best_score
-    if cfg.visualize:
-        draw_predictions(module, datamodule.test_dataloader()[0], int(cfg.visualize), out_dir / "predictions.png")
-    print_table(splits, shuffled)
+    if cfg.test:
+        if cfg.visualize:
+            draw_predictions(module, datamodule.test_dataloader()[0], int(cfg.visualize), out_dir / "predictions.png")
+        print_table(splits, shuffled)
+    config = resolved(cfg)
+    wall = round(time.perf_counter() - start, 2)
     write_results(out_dir / "results.json", {
         "splits": splits,
         "shuffled_text": shuffled,
-        "wall_seconds": round(time.perf_counter() - start, 2),
+        "wall_seconds": wall,
         "best_val_acc50": best_score,
         "best_checkpoint": best_ckpt,
         "parameters": params,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": config,
     })
-    log.info("results written to %s", out_dir / "results.json")
+    row = result_row(
+        config, choices=hydra_choices(), params=params, splits=splits, shuffled=shuffled, best_val=best_score,
+        checkpoint=best_ckpt or cfg.get("ckpt_path"), wall_seconds=wall, output_dir=out_dir,
+    )
+    table = append_result(results_file(out_dir), row)
+    log.info("results written to %s (and a line in %s)", out_dir / "results.json", table)
     return best_score
 
 

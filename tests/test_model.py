@@ -9,7 +9,7 @@ import torch
 
 from src.models.grounder import build_grounder
 from src.models.peft.base import Frozen, Full
-from src.models.peft.injection import ParallelMlp
+from src.models.peft.injection import AdaptedMlp
 from src.models.peft.mapper import LoCA, Mapper
 from tests.conftest import TINY_MODEL
 
@@ -57,7 +57,7 @@ def test_clean_adapters_start_as_exact_no_ops():
     model = tiny().eval()
     plain = copy.deepcopy(model)
     for block in plain.vision.blocks:
-        if isinstance(block.mlp, ParallelMlp):
+        if isinstance(block.mlp, AdaptedMlp):
             block.mlp = block.mlp.mlp
     for layer in plain.text.layers:
         if hasattr(layer.output, "adapter"):

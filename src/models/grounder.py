@@ -75,6 +75,9 @@ class Grounder(nn.Module):
         self.head = BoxHead(d)
         self.tunable_backbone_names: list[str] = []
         self.backbones_frozen = True
+        # The backbones' own dropout modules, and whether each is in the text encoder (not those a PEFT
+        # method brings, e.g. LoRA's: they keep training mode). Held as objects: injection renames modules.
+        self.backbone_dropouts: list[tuple[nn.Dropout, bool]] = []
         # The backbone architectures this model was built from (for the parameter report).
         self.reference: BackboneReference | None = None
 
@@ -93,6 +96,10 @@ class Grounder(nn.Module):
         for backbone in (self.vision, self.text, self.prior):
             if backbone is not None:
                 backbone.requires_grad_(False)
+        self.backbone_dropouts = [
+            (m, n.startswith("text.")) for n, m in self.named_modules()
+            if isinstance(m, nn.Dropout) and n.startswith(("vision.", "text.", "prior."))
+        ]
         tunable = method.inject(self)
         self.backbones_frozen = method.freezes_backbones
         ids = {id(p) for m in tunable for p in m.parameters()}
@@ -104,10 +111,8 @@ class Grounder(nn.Module):
         super().train(mode)
         if mode and self.backbones_frozen:
             frozen_text_dropout = self.quirks.frozen_text_dropout
-            for name, module in self.named_modules():
-                in_text = name.startswith("text.")
-                if isinstance(module, nn.Dropout) and name.startswith(("vision.", "text.", "prior.")):
-                    module.train(in_text and frozen_text_dropout)
+            for module, in_text in self.backbone_dropouts:
+                module.train(in_text and frozen_text_dropout)
         return self
 
     def patch_padding(self, pixel_mask: torch.Tensor) -> torch.Tensor:

@@ -1,50 +1,58 @@
 """Where adapters attach inside the backbones, shared by every adapter-style PEFT method.
 
-Vision: an adapter runs beside (parallel to) the MLP of a timm ViT block, on the MLP's input, and its
-scaled output is added to the MLP's output, inside the block's LayerScale.
-Text: an adapter reads a BERT layer's attention output (the FFN block's input) and its output is added
-to the FFN block, either before the block's residual LayerNorm or after it.
+Vision (a timm ViT block's MLP): `parallel` runs the adapter beside the MLP on the MLP's input and adds
+its scaled output to the MLP's output; `serial` runs it on the MLP's output and adds it back (Houlsby).
+Both sit inside the block's LayerScale.
+Text (a BERT layer's FFN output block: dense, dropout, residual LayerNorm): `parallel` reads the FFN
+block's input and adds to the residual before the LayerNorm; `parallel_after_norm` adds to the
+normalised output (the official DyPA placement); `serial` runs on the FFN's output before the residual.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 
+VisionPlacement = Literal["parallel", "serial"]
+TextPlacement = Literal["parallel", "parallel_after_norm", "serial"]
 
-class ParallelMlp(nn.Module):
-    """`mlp(u) + scale * adapter(u)`: an adapter beside a ViT block's MLP."""
 
-    def __init__(self, mlp: nn.Module, adapter: nn.Module, scale: float) -> None:
+class AdaptedMlp(nn.Module):
+    """A ViT block's MLP with an adapter beside it (`mlp(u) + s * a(u)`) or after it (`m + s * a(m)`)."""
+
+    def __init__(self, mlp: nn.Module, adapter: nn.Module, scale: float, placement: VisionPlacement) -> None:
         super().__init__()
+        if placement not in ("parallel", "serial"):
+            raise ValueError(f"vision adapter placement must be parallel or serial, got {placement!r}")
         self.mlp = mlp
         self.adapter = adapter
         self.scale = scale
+        self.placement = placement
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return self.mlp(u) + self.scale * self.adapter(u)
+        out = self.mlp(u)
+        return out + self.scale * self.adapter(u if self.placement == "parallel" else out)
 
 
 class AdaptedBertOutput(nn.Module):
-    """BERT's FFN output block (dense, dropout, residual LayerNorm) plus an adapter on its input.
+    """BERT's FFN output block (dense, dropout, residual LayerNorm) with an adapter placed as configured."""
 
-    `after_norm=False` adds the adapter inside the residual, before the LayerNorm;
-    `after_norm=True` adds it to the normalised output (the official DyPA placement).
-    """
-
-    def __init__(self, output: nn.Module, adapter: nn.Module, after_norm: bool) -> None:
+    def __init__(self, output: nn.Module, adapter: nn.Module, placement: TextPlacement) -> None:
         super().__init__()
+        if placement not in ("parallel", "parallel_after_norm", "serial"):
+            raise ValueError(f"text placement must be parallel, parallel_after_norm or serial, got {placement!r}")
         self.output = output
         self.adapter = adapter
-        self.after_norm = after_norm
+        self.placement = placement
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        delta = self.adapter(input_tensor)
-        if self.after_norm:
-            return self.output(hidden_states, input_tensor) + delta
+        if self.placement == "parallel_after_norm":
+            return self.output(hidden_states, input_tensor) + self.adapter(input_tensor)
         out = self.output.dropout(self.output.dense(hidden_states))
+        delta = self.adapter(input_tensor if self.placement == "parallel" else out)
         return self.output.LayerNorm(out + input_tensor + delta)
 
 
@@ -57,22 +65,27 @@ def check_layers(layers: Sequence[int], depth: int, what: str) -> list[int]:
     return chosen
 
 
-def attach_vision(blocks: nn.Sequential, layers: Sequence[int], make, scale: float) -> list[nn.Module]:
-    """Put `make()` beside the MLP of each chosen ViT block; returns the new adapters."""
+def attach_vision(
+    blocks: nn.Sequential, layers: Sequence[int], make: Callable[[], nn.Module], scale: float,
+    placement: VisionPlacement = "parallel",
+) -> list[nn.Module]:
+    """Put `make()` at the MLP of each chosen ViT block; returns the new adapters."""
     adapters = []
     for i in check_layers(layers, len(blocks), "vision"):
         adapter = make()
-        blocks[i].mlp = ParallelMlp(blocks[i].mlp, adapter, scale)
+        blocks[i].mlp = AdaptedMlp(blocks[i].mlp, adapter, scale, placement)
         adapters.append(adapter)
     return adapters
 
 
-def attach_text(layers_module: nn.ModuleList, layers: Sequence[int], make, after_norm: bool) -> list[nn.Module]:
-    """Add `make()` around the FFN block of each chosen BERT layer; returns the new adapters."""
+def attach_text(
+    layers_module: nn.ModuleList, layers: Sequence[int], make: Callable[[], nn.Module], placement: TextPlacement,
+) -> list[nn.Module]:
+    """Put `make()` at the FFN block of each chosen BERT layer; returns the new adapters."""
     adapters = []
     for i in check_layers(layers, len(layers_module), "text"):
         adapter = make()
         layer = layers_module[i]
-        layer.output = AdaptedBertOutput(layer.output, adapter, after_norm)
+        layer.output = AdaptedBertOutput(layer.output, adapter, placement)
         adapters.append(adapter)
     return adapters

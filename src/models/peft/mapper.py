@@ -62,21 +62,23 @@ class DyPA(nn.Module):
     """Dynamic Prior Adapter: a bottleneck on BERT features, scaled per token by the CLIP prior.
 
     delta = up(ReLU(down(LN(h)))) * ReLU(scale(LN(P))); P is read from the text encoder's condition slot.
+    Without a prior (`prior_dim=None`, the "w/o prior" ablation) the gate is 1: a plain bottleneck.
     """
 
     def __init__(
-        self, dim: int, prior_dim: int, rank: int, slot: ConditionSlot, official_init: bool,
+        self, dim: int, prior_dim: int | None, rank: int, slot: ConditionSlot, official_init: bool,
     ) -> None:
         super().__init__()
         self.slot = slot
         self.norm = nn.LayerNorm(dim)
-        self.prior_norm = nn.LayerNorm(prior_dim)
-        self.scale = nn.Linear(prior_dim, 1)
+        guided = prior_dim is not None
+        self.prior_norm = nn.LayerNorm(prior_dim) if guided else None
+        self.scale = nn.Linear(prior_dim, 1) if guided else None
         self.down = nn.Linear(dim, rank)
         self.up = nn.Linear(rank, dim)
         # The official module also builds a CLIP down-projection its forward never uses; official mode
         # keeps it so that checkpoints load and parameter counts match (it trains nothing).
-        self.unused_prior_down = nn.Linear(prior_dim, rank) if official_init else None
+        self.unused_prior_down = nn.Linear(prior_dim, rank) if official_init and guided else None
         for lin in (self.scale, self.down, self.up, self.unused_prior_down):
             if lin is None:
                 continue
@@ -89,9 +91,10 @@ class DyPA(nn.Module):
             nn.init.zeros_(self.up.weight)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        prior = self.slot.get()
-        gate = F.relu(self.scale(self.prior_norm(prior.float())))
-        return self.up(F.relu(self.down(self.norm(h)))) * gate
+        delta = self.up(F.relu(self.down(self.norm(h))))
+        if self.scale is None:
+            return delta
+        return delta * F.relu(self.scale(self.prior_norm(self.slot.get().float())))
 
 
 class PGT(nn.Module):
@@ -111,7 +114,8 @@ class PGT(nn.Module):
 class Mapper(PeftMethod):
     """MaPPER: LoCA beside the MLP of chosen ViT blocks, DyPA in chosen BERT layers, PGT after BERT.
 
-    Layer lists left null take the model's `adapter_layers` (the paper: 3, 7, 11 of 12).
+    Layer lists left null take the model's `adapter_layers` (the paper: 3, 7, 11 of 12). The switches
+    `loca`, `dypa`, `pgt` and `prior` remove one component each for the paper's ablations.
     """
 
     vision_layers: Sequence[int] | None = None
@@ -122,27 +126,45 @@ class Mapper(PeftMethod):
     loca_branch2_mid: int = 24  # 1x1 reduction before the 3x3 conv
     loca_branch2_out: int = 96  # 3x3 conv branch channels
     loca_scale: float = 0.2  # weight of LoCA's output beside the MLP
+    loca: bool = True  # Local Convolution Adapters in the ViT
+    dypa: bool = True  # Dynamic Prior Adapters in BERT
+    pgt: bool = True  # Prior-Guided Text merge after BERT (needs the prior)
+    prior: bool = True  # the CLIP prior; off: DyPA becomes a plain bottleneck (gate 1) and PGT must be off
 
-    uses_prior = True
+    def __post_init__(self) -> None:
+        if self.pgt and not self.prior:
+            raise ValueError("mapper: pgt=true merges the CLIP prior into the text, so it needs prior=true")
+        if not (self.loca or self.dypa or self.pgt):
+            raise ValueError("mapper: every component is off; use peft=frozen for that baseline")
+
+    @property
+    def uses_prior(self) -> bool:
+        return self.prior and (self.dypa or self.pgt)
 
     def inject(self, target: PeftTarget) -> list[nn.Module]:
         vision, text, quirks = target.vision, target.text, target.quirks
-        vision_layers = self.layers_or_default(self.vision_layers, target.adapter_layers, "vision")
-        text_layers = self.layers_or_default(self.text_layers, target.adapter_layers, "text")
-        loca = attach_vision(
-            vision.blocks, vision_layers,
-            lambda: LoCA(
-                vision.embed_dim, self.loca_hidden, self.loca_branch1, self.loca_branch2_mid,
-                self.loca_branch2_out, vision.grid, vision.num_prefix_tokens,
-                quirks.loca_doubled_prefix, quirks.loca_official_init,
-            ),
-            self.loca_scale,
-        )
-        dypa = attach_text(
-            text.layers, text_layers,
-            lambda: DyPA(text.hidden_size, target.prior_dim, self.rank, text.condition, quirks.dypa_official_init),
-            quirks.dypa_after_ffn_norm,
-        )
-        pgt = PGT(text.hidden_size, target.prior_dim)
-        target.set_text_merge(pgt)
-        return [*loca, *dypa, pgt]
+        modules: list[nn.Module] = []
+        if self.loca:
+            vision_layers = self.layers_or_default(self.vision_layers, target.adapter_layers, "vision")
+            modules += attach_vision(
+                vision.blocks, vision_layers,
+                lambda: LoCA(
+                    vision.embed_dim, self.loca_hidden, self.loca_branch1, self.loca_branch2_mid,
+                    self.loca_branch2_out, vision.grid, vision.num_prefix_tokens,
+                    quirks.loca_doubled_prefix, quirks.loca_official_init,
+                ),
+                self.loca_scale,
+            )
+        if self.dypa:
+            text_layers = self.layers_or_default(self.text_layers, target.adapter_layers, "text")
+            prior_dim = target.prior_dim if self.prior else None
+            modules += attach_text(
+                text.layers, text_layers,
+                lambda: DyPA(text.hidden_size, prior_dim, self.rank, text.condition, quirks.dypa_official_init),
+                "parallel_after_norm" if quirks.dypa_after_ffn_norm else "parallel",
+            )
+        if self.pgt:
+            pgt = PGT(text.hidden_size, target.prior_dim)
+            target.set_text_merge(pgt)
+            modules.append(pgt)
+        return modules

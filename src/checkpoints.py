@@ -1,0 +1,188 @@
+"""Small checkpoints: only what trains, plus the run's resolved config; frozen backbones are rebuilt.
+
+A suite checkpoint is a Lightning checkpoint whose `state_dict` holds the trainable parameters and the
+buffers of the modules that own them (BatchNorm statistics), under the LightningModule's `model.`
+prefix, and whose extra entries are:
+
+* `format`: `CHECKPOINT_FORMAT`;
+* `config`: the run's resolved config (model, peft, seed, data, ...), so that evaluating or predicting
+  needs nothing else;
+* `frozen_fingerprint`: per frozen tensor that is *not* stored, its (sum, sum of squares), so that a
+  rebuilt backbone that differs (other weights, another seed) is refused instead of silently used.
+
+A checkpoint may also carry frozen tensors (the official converter stores everything, because the
+official CLIP blocks are random and cannot be rebuilt): stored frozen tensors replace the rebuilt ones.
+`python -m src.checkpoints export IN.ckpt OUT.safetensors` writes the same weights as safetensors with
+the config and fingerprint as metadata; `info CKPT` prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+CHECKPOINT_FORMAT = "mapper-suite/petl-checkpoint-v1"
+MODEL_PREFIX = "model."  # GroundingModule holds the grounder as `self.model`
+FINGERPRINT_RTOL = 1e-5
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model built from the config; the message lists the keys."""
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train and the buffers of the modules owning them (e.g. LoCA's BatchNorm)."""
+    state: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not any(p.requires_grad for _, p in own):
+            continue
+        dot = f"{prefix}." if prefix else ""
+        state.update({dot + n: p.detach() for n, p in own if p.requires_grad})
+        persistent = {n for n, _ in module.named_buffers(recurse=False)} - module._non_persistent_buffers_set
+        state.update({dot + n: b for n, b in module.named_buffers(recurse=False) if n in persistent})
+    return state
+
+
+def fingerprint(tensors: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Per tensor: (sum, sum of squares) in float64, a cheap check that rebuilt weights are the same."""
+    out = {}
+    for key, t in tensors.items():
+        if t.is_floating_point() and not t.is_meta:
+            d = t.detach().to("cpu", torch.float64)
+            out[key] = [float(d.sum()), float((d * d).sum())]
+    return out
+
+
+def frozen_fingerprint(model: nn.Module, stored: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
+    """The fingerprint of every model tensor that `stored` does not hold (what will be rebuilt)."""
+    return fingerprint({k: v for k, v in model.state_dict().items() if k not in stored})
+
+
+def check_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse `state` unless it holds everything that trains in `model`, only keys the model has, with
+    matching shapes; the message lists the mismatched keys."""
+    own = model.state_dict()
+    needed = trainable_state(model)
+    missing = sorted(set(needed) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(state) & set(own) if tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or shapes:
+        parts = [f"{source} does not fit the model built from this config"]
+        for title, keys in (("missing (the model trains them)", missing), ("unexpected", unexpected),
+                            ("shape mismatch", shapes)):
+            if keys:
+                listed = "\n    ".join(keys[:20]) + (f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else "")
+                parts.append(f"  {len(keys)} {title}:\n    {listed}")
+        raise CheckpointMismatchError("\n".join(parts))
+
+
+def check_fingerprint(model: nn.Module, stored: Mapping[str, torch.Tensor], expected: Mapping[str, Any],
+                      source: str) -> None:
+    """Refuse when the rebuilt frozen tensors differ from those the checkpoint was trained with."""
+    if not expected:
+        return
+    actual = frozen_fingerprint(model, stored)
+    differ = sorted(
+        k for k, (s, q) in expected.items()
+        if k not in actual or not all(math.isclose(a, b, rel_tol=FINGERPRINT_RTOL, abs_tol=1e-6)
+                                      for a, b in zip(actual[k], (s, q), strict=True))
+    )
+    if differ:
+        listed = "\n    ".join(differ[:10]) + (f"\n    ... and {len(differ) - 10} more" if len(differ) > 10 else "")
+        raise CheckpointMismatchError(
+            f"{source}: {len(differ)} frozen backbone tensors rebuilt from the config differ from those the "
+            f"checkpoint was trained with (other pretrained weights, init checkpoint or seed?):\n    {listed}"
+        )
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], expected_fingerprint: Mapping[str, Any],
+              source: str) -> None:
+    """Check and load a (small) state into `model`; frozen tensors the state lacks stay as rebuilt."""
+    check_state(model, state, source)
+    check_fingerprint(model, state, expected_fingerprint, source)
+    model.load_state_dict(dict(state), strict=False)
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Lightning's `model.`-prefixed keys -> the grounder's own keys (other entries are not the model's)."""
+    return {k.removeprefix(MODEL_PREFIX): v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(grounder state, resolved config, frozen fingerprint) from a suite `.ckpt` or `.safetensors` file.
+
+    `.ckpt` files are read with `weights_only=True`: no code in them runs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+        return state, json.loads(meta.get("config", "{}")), json.loads(meta.get("frozen_fingerprint", "{}"))
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(raw, Mapping) or "state_dict" not in raw:
+        raise CheckpointMismatchError(f"{path} is not a suite checkpoint (no state_dict)")
+    return strip_prefix(raw["state_dict"]), dict(raw.get("config") or {}), dict(raw.get("frozen_fingerprint") or {})
+
+
+def export_safetensors(src: str | Path, out: str | Path) -> Path:
+    """Write a suite checkpoint's weights as safetensors, with its config and fingerprint as metadata."""
+    state, config, prints = read_checkpoint(src)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": CHECKPOINT_FORMAT, "config": json.dumps(config), "frozen_fingerprint": json.dumps(prints)}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=meta)
+    return out
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Tensor count, parameter count and bytes of a checkpoint's weights, and what it was trained as."""
+    state, config, prints = read_checkpoint(path)
+    return {
+        "file": str(path),
+        "file_bytes": Path(path).stat().st_size,
+        "tensors": len(state),
+        "values": sum(t.numel() for t in state.values()),
+        "weight_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+        "rebuilt_frozen_tensors": len(prints),
+        "peft": (config.get("peft") or {}).get("_target_"),
+        "model_mode": (config.get("model") or {}).get("mode"),
+        "seed": config.get("seed"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`export IN OUT.safetensors` or `info CKPT`."""
+    parser = argparse.ArgumentParser(prog="python -m src.checkpoints", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write a checkpoint's weights + config as .safetensors")
+    export.add_argument("input", type=Path)
+    export.add_argument("output", type=Path)
+    info = sub.add_parser("info", help="print what a checkpoint holds, as JSON")
+    info.add_argument("input", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "export":
+        print(f"wrote {export_safetensors(args.input, args.output)}")
+    else:
+        print(json.dumps(describe(args.input), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

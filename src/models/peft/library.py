@@ -1,0 +1,109 @@
+"""One bridge to the `peft` library: LoRA, DoRA, IA3, LoHa, LoKr, ... on both backbones.
+
+The config names a peft config class and its fields; the bridge builds one config per backbone whose
+`target_modules` is a regex over the chosen layers and module names, and injects it with
+`peft.inject_adapter_in_model` (no PeftModel wrapper: the grounder stays a plain nn.Module). Any peft
+method that injects into Linear layers needs only a config file in `conf/peft/`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from peft import inject_adapter_in_model
+from torch import nn
+
+from src.models.peft.base import PeftMethod, PeftTarget
+from src.models.peft.injection import check_layers
+
+# BERT's attention (query/key/value/output dense) and the ViT's fused qkv and output projection.
+VIT_ATTENTION = ("attn.qkv", "attn.proj")
+BERT_ATTENTION = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
+
+
+@dataclass
+class LibraryPeft(PeftMethod):
+    """A `peft` library method applied to Linear layers of chosen blocks of both backbones.
+
+    Module names are relative to one block (ViT: `attn.qkv`, `mlp.fc2`; BERT: `attention.self.query`,
+    `output.dense`). Layer lists left null take the model's `adapter_layers`.
+    """
+
+    config_class: str = "peft.LoraConfig"  # import path of the peft config class
+    rank: int | None = 8  # written to the config's `rank_field`; null for rank-free methods (IA3)
+    rank_field: str = "r"
+    settings: dict[str, Any] = field(default_factory=dict)  # any other fields of the peft config
+    vision_targets: Sequence[str] = VIT_ATTENTION
+    text_targets: Sequence[str] = BERT_ATTENTION
+    # Targets that are feed-forward layers (IA3 scales their input instead of their output); must be
+    # among the targets. Only for config classes with a `feedforward_modules` field.
+    vision_feedforward: Sequence[str] = ()
+    text_feedforward: Sequence[str] = ()
+    vision_layers: Sequence[int] | None = None
+    text_layers: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        self.config_type = import_config_class(self.config_class)
+        names = {f.name for f in fields(self.config_type)}
+        unknown = set(self.settings) - names
+        if unknown:
+            raise ValueError(f"{self.config_class} has no fields {sorted(unknown)}")
+        if self.rank is not None and self.rank_field not in names:
+            raise ValueError(f"{self.config_class} has no rank field {self.rank_field!r}; set rank=null or rank_field")
+        if (self.vision_feedforward or self.text_feedforward) and "feedforward_modules" not in names:
+            raise ValueError(f"{self.config_class} has no feedforward_modules; leave *_feedforward empty")
+        for targets, feedforward, which in ((self.vision_targets, self.vision_feedforward, "vision"),
+                                            (self.text_targets, self.text_feedforward, "text")):
+            if not set(feedforward) <= set(targets):
+                raise ValueError(f"{which}_feedforward {list(feedforward)} must be among {which}_targets")
+
+    def inject(self, target: PeftTarget) -> list[nn.Module]:
+        tunable: list[nn.Module] = []
+        for which, root, blocks, targets, feedforward, layers in (
+            ("vision", target.vision, target.vision.blocks, self.vision_targets, self.vision_feedforward,
+             self.vision_layers),
+            ("text", target.text, target.text.layers, self.text_targets, self.text_feedforward, self.text_layers),
+        ):
+            if not targets:
+                continue
+            chosen = check_layers(self.layers_or_default(layers, target.adapter_layers, which), len(blocks), which)
+            prefix = module_path(root, blocks)
+            kwargs: dict[str, Any] = dict(self.settings, target_modules=layer_regex(prefix, chosen, targets))
+            if self.rank is not None:
+                kwargs[self.rank_field] = self.rank
+            if feedforward:
+                kwargs["feedforward_modules"] = layer_regex(prefix, chosen, feedforward)
+            inject_adapter_in_model(self.config_type(**kwargs), root)
+            tunable += [m for m in root.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        return tunable
+
+
+def import_config_class(path: str) -> type:
+    """The peft config class named by its import path (e.g. `peft.LoraConfig`)."""
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module or "peft"), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import the peft config class {path!r}") from err
+    if not isinstance(cls, type):
+        raise ValueError(f"{path!r} is not a class")
+    return cls
+
+
+def module_path(root: nn.Module, child: nn.Module) -> str:
+    """The dotted name of `child` inside `root` (e.g. `vit.blocks`)."""
+    for name, module in root.named_modules():
+        if module is child:
+            return name
+    raise ValueError("the block list is not inside its backbone")
+
+
+def layer_regex(prefix: str, layers: Sequence[int], names: Sequence[str]) -> str:
+    """A full-match regex for `<prefix>.<layer>.<name>` over the chosen layers and module names."""
+    layer_group = "|".join(str(i) for i in layers)
+    name_group = "|".join(re.escape(n) for n in names)
+    return rf"{re.escape(prefix)}\.({layer_group})\.({name_group})"
