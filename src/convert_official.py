@@ -7,15 +7,17 @@ IN is what the official `train.py` saves (a dict with a `model` state dict, mayb
 allowed beyond tensors and plain containers is `argparse.Namespace` (the official `args`).
 
 The weights are renamed by `src.models.official.RULES`, loaded strictly into a randomly initialised
-`model.mode=official` grounder (no downloads), and written as a Lightning checkpoint
-(`{"state_dict": {"model.<key>": tensor}, ...}`) that `python -m src.run train=false ckpt_path=OUT
-model=mapper_base model.mode=official ...` evaluates, plus `OUT` with suffix `.safetensors` holding the
-bare grounder weights.
+`model.mode=official` grounder (no downloads), and written in the suite's checkpoint format
+(`src/checkpoints.py`: `{"state_dict": {"model.<key>": tensor}, "config": ..., ...}`, here with every
+tensor, since the official frozen CLIP blocks are random and cannot be rebuilt) that
+`python -m src.run train=false ckpt_path=OUT ...` evaluates as the official-mode model it holds, plus
+`OUT` with suffix `.safetensors` holding the bare grounder weights and the same config as metadata.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import sys
 from collections import Counter
@@ -28,6 +30,7 @@ import lightning
 import torch
 from safetensors.torch import save_file
 
+from src.checkpoints import CHECKPOINT_FORMAT, MODEL_PREFIX
 from src.models.grounder import Grounder
 from src.models.official import (
     OfficialCheckpointError,
@@ -37,8 +40,6 @@ from src.models.official import (
     infer_geometry,
     load_official,
 )
-
-LIGHTNING_PREFIX = "model."  # GroundingModule holds the grounder as `self.model`
 
 
 def read_official_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -116,12 +117,34 @@ def lightning_checkpoint(
     if isinstance(args, argparse.Namespace):
         meta["official_args"] = {k: _plain(v) for k, v in vars(args).items()}
     return {
-        "state_dict": {LIGHTNING_PREFIX + k: v for k, v in model.state_dict().items()},
+        "state_dict": {MODEL_PREFIX + k: v for k, v in model.state_dict().items()},
         "pytorch-lightning_version": lightning.__version__,
         "epoch": 0,
         "global_step": 0,
         "mapper_official": meta,
+        # The suite's checkpoint format; every tensor is stored (the official CLIP blocks are random and
+        # cannot be rebuilt), so nothing is fingerprinted.
+        "format": CHECKPOINT_FORMAT,
+        "config": suite_config(geometry),
+        "frozen_fingerprint": {},
     }
+
+
+def suite_config(geometry: OfficialGeometry) -> dict[str, Any]:
+    """The model/peft/seed settings that rebuild the converted model (what `src.run` adopts from it)."""
+    from omegaconf import OmegaConf
+
+    from src.config import compose
+
+    cfg = compose([
+        "model=mapper_base", "peft=mapper", "model.mode=official", "model.pretrained=false",
+        f"model.image_size={geometry.image_size}", f"model.max_query_len={geometry.max_query_len}",
+        f"+model.vision.patch_size={geometry.patch_size}",
+        f"model.adapter_layers.vision={list(geometry.vision_layers)}",
+        f"model.adapter_layers.text={list(geometry.text_layers)}",
+    ])
+    return {"model": OmegaConf.to_container(cfg.model, resolve=True),
+            "peft": OmegaConf.to_container(cfg.peft, resolve=True), "seed": cfg.seed}
 
 
 def write_outputs(
@@ -135,7 +158,10 @@ def write_outputs(
         side = out.with_suffix(".safetensors")
         if side == out:
             raise OfficialCheckpointError(f"{out} would be overwritten by its .safetensors twin; name it e.g. .ckpt")
-        meta = {k: str(v) for k, v in asdict(geometry).items()} | {"mode": "official", "source": source}
+        meta = {k: str(v) for k, v in asdict(geometry).items()} | {
+            "mode": "official", "source": source, "format": CHECKPOINT_FORMAT,
+            "config": json.dumps(suite_config(geometry)), "frozen_fingerprint": "{}",
+        }
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(side), metadata=meta)
         written.append(side)
     return written

@@ -19,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError
 
 from src.checkpoints import load_into, read_checkpoint
 from src.lit import GroundingModule
@@ -52,8 +53,17 @@ def build_module(cfg: DictConfig) -> GroundingModule:
 
 
 def resolved(cfg: DictConfig) -> dict:
-    """The run config as plain data (what checkpoints and results carry)."""
-    return OmegaConf.to_container(cfg, resolve=True)
+    """The run config as plain data (what checkpoints and results carry). Outside a Hydra run (tests,
+    notebooks) an entry whose interpolation cannot resolve (e.g. `${hydra:...}`) is kept unresolved."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    out = {}
+    for key in raw:
+        try:
+            node = OmegaConf.select(cfg, str(key), throw_on_resolution_failure=True)
+            out[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        except InterpolationResolutionError:
+            out[key] = raw[key]
+    return out
 
 
 def adopt_checkpoint_model(cfg: DictConfig, stored: dict) -> None:
