@@ -156,6 +156,7 @@ def run(cfg: DictConfig) -> float | None:
     """Train, test and report as configured; returns the best val/acc50 (None when not training)."""
     start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     evaluate_only = bool(cfg.get("ckpt_path")) and not cfg.train
     if evaluate_only:  # the checkpoint decides the model; its frozen backbones are rebuilt below
         stored_state, stored_config, stored_prints = read_checkpoint(cfg.ckpt_path)
