@@ -253,6 +253,17 @@ def test_cli_end_to_end_on_the_manifest(tmp_path: Path, manifest, monkeypatch, c
     bare = load_file(str(tmp_path / "mapper.safetensors"))
     assert {"model." + k for k in bare} == set(state)
     assert torch.equal(bare["reg_token.weight"], official["reg_token.weight"])
+    # The suite's checkpoint format: the config that rebuilds this model, every tensor stored.
+    from src.checkpoints import CHECKPOINT_FORMAT, read_checkpoint
+
+    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["frozen_fingerprint"] == {}
+    model_cfg = ckpt["config"]["model"]
+    assert (model_cfg["mode"], model_cfg["pretrained"], model_cfg["max_query_len"]) == ("official", False, 20)
+    assert model_cfg["adapter_layers"] == {"vision": [3, 7, 11], "text": [3, 7, 11]}
+    assert ckpt["config"]["peft"]["_target_"].endswith("Mapper")
+    for path in (tmp_path / "mapper.ckpt", tmp_path / "mapper.safetensors"):
+        _, config, prints = read_checkpoint(path)
+        assert config == ckpt["config"] and prints == {}
 
 
 @pytest.mark.slow
