@@ -67,8 +67,8 @@ def main(argv: list[str]) -> None:
           "| whole model state |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['peft']} | {r['trainable']:,} | {r['ckpt_bytes'] / mb:.1f} MB | {r['safetensors_bytes'] / mb:.1f} MB "
-              f"| {r['whole_model_bytes'] / mb:.0f} MB |")
+        print(f"| {r['peft']} | {r['trainable']:,} | {r['ckpt_bytes'] / mb:.1f} MB "
+              f"| {r['safetensors_bytes'] / mb:.1f} MB | {r['whole_model_bytes'] / mb:.0f} MB |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
