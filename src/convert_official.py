@@ -144,7 +144,8 @@ def suite_config(geometry: OfficialGeometry) -> dict[str, Any]:
         f"model.adapter_layers.text={list(geometry.text_layers)}",
     ])
     return {"model": OmegaConf.to_container(cfg.model, resolve=True),
-            "peft": OmegaConf.to_container(cfg.peft, resolve=True), "seed": cfg.seed}
+            "peft": OmegaConf.to_container(cfg.peft, resolve=True), "seed": cfg.seed,
+            "vision_pretraining": None, "text_pretraining": None}  # the checkpoint holds every weight
 
 
 def write_outputs(

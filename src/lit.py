@@ -26,6 +26,10 @@ from src.models.grounder import Grounder, GrounderOutput
 MODEL_INPUTS = ("image", "pixel_mask", "text_ids", "text_mask", "prior_ids", "prior_mask")
 
 
+class NonFiniteError(FloatingPointError):
+    """A NaN or infinite loss or gradient; the message names the step, the batch's images and the loss terms."""
+
+
 class GroundingModule(L.LightningModule):
     """Wraps a Grounder: loss, optimiser groups, validation on `val`, testing on named splits.
 
@@ -50,6 +54,8 @@ class GroundingModule(L.LightningModule):
         self.config = dict(config or {})
         self.strict_loading = False  # checkpoints hold only what trains; on_load_checkpoint checks the keys
         self._frozen_fingerprint: dict[str, list[float]] | None = None
+        # The latest training batch's image files and loss terms, for the non-finite guard's message.
+        self._last_batch: tuple[list[str] | None, dict[str, torch.Tensor]] = (None, {})
         self.loss = loss or GroundingLoss()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -65,9 +71,28 @@ class GroundingModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.loss(self(batch).boxes, batch["box"])
+        self._last_batch = (batch.get("image_file"), {k: v.detach() for k, v in losses.items()})
+        if not torch.isfinite(torch.stack(list(self._last_batch[1].values()))).all():  # one host sync per step
+            self._non_finite("loss")
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(batch["box"]))
         self.log_dict({"train/l1": losses["l1"], "train/giou": losses["giou"]}, batch_size=len(batch["box"]))
         return losses["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop before a non-finite gradient reaches the weights (the last checkpoint stays good)."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+            self._non_finite(f"gradient of {len(bad)} tensors (first: {', '.join(bad[:3])})")
+
+    def _non_finite(self, what: str) -> None:
+        files, terms = self._last_batch
+        terms = {k: float(v) for k, v in terms.items()}
+        shown = ", ".join(map(str, (files or [])[:8])) + (" ..." if files and len(files) > 8 else "")
+        raise NonFiniteError(
+            f"non-finite {what} at global step {self.global_step} (epoch {self.current_epoch}); "
+            f"loss terms {terms}; batch images: {shown or 'unknown'}"
+        )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         pred = self(batch).boxes

@@ -38,12 +38,19 @@ def hydra_choices() -> dict[str, str]:
     return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if v is not None}
 
 
-def results_file(output_dir: Path) -> Path:
-    """The sweep folder's results file in a multirun, else the run folder's."""
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (sweep)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def results_file(output_dir: Path) -> Path:
+    """The sweep folder's results file in a multirun, else the run folder's."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if in_multirun():
         return Path(HydraConfig.get().sweep.dir) / RESULTS_NAME
     return output_dir / RESULTS_NAME
 

@@ -22,14 +22,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from src.checkpoints import load_into, read_checkpoint
-from src.lit import GroundingModule
+from src.lit import GroundingModule, NonFiniteError
 from src.models.encoders import PriorSettings, TextSettings
 from src.params import format_report, parameter_report
 from src.pretrain_text import TextPretraining, bert_tower, clip_tower, ensure_pretrained_text
 from src.pretrain_vision import VisionPretraining, ensure_pretrained_vit
 from src.quirks import ModelQuirks
 from src.report import prediction_grid, print_table, split_metrics, write_results
-from src.results import append_result, hydra_choices, result_row, results_file
+from src.results import append_result, hydra_choices, in_multirun, result_row, results_file
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,10 @@ def run(cfg: DictConfig) -> float | None:
 
     best_ckpt, best_score = None, None
     if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except NonFiniteError as err:
+            return record_failure(cfg, trainer, params, err, time.perf_counter() - start)
         checkpoint = trainer.checkpoint_callback
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
             best_ckpt = checkpoint.best_model_path
@@ -199,6 +202,7 @@ def run(cfg: DictConfig) -> float | None:
     config = resolved(cfg)
     wall = round(time.perf_counter() - start, 2)
     write_results(out_dir / "results.json", {
+        "status": "ok",
         "splits": splits,
         "shuffled_text": shuffled,
         "wall_seconds": wall,
@@ -214,6 +218,27 @@ def run(cfg: DictConfig) -> float | None:
     table = append_result(results_file(out_dir), row)
     log.info("results written to %s (and a line in %s)", out_dir / "results.json", table)
     return best_score
+
+
+def record_failure(cfg: DictConfig, trainer: L.Trainer, params: dict, err: Exception, seconds: float) -> float:
+    """Write results.json and the results line with `status: failed` and the reason; a single run then
+    stops with the error, a sweep goes on (its sweeper sees NaN: Optuna marks the trial failed)."""
+    out_dir = Path(cfg.paths.output_dir)
+    checkpoint = trainer.checkpoint_callback
+    kept = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else None
+    log.error("run failed: %s (last good checkpoint: %s)", err, kept or "none")
+    if trainer.is_global_zero:
+        config = resolved(cfg)
+        write_results(out_dir / "results.json", {
+            "status": "failed", "reason": str(err), "wall_seconds": round(seconds, 2), "best_checkpoint": kept or None,
+            "parameters": params, "config": config,
+        })
+        row = result_row(config, choices=hydra_choices(), params=params, splits={}, shuffled={}, best_val=None,
+                         checkpoint=kept or None, wall_seconds=round(seconds, 2), output_dir=out_dir)
+        append_result(results_file(out_dir), row | {"status": "failed", "reason": str(err)})
+    if in_multirun():
+        return float("nan")
+    raise err
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -1,0 +1,230 @@
+"""Run a trained grounder on your own pictures: `python -m src.predict ckpt=PATH image=PATH text="..."`.
+
+    python -m src.predict ckpt=best.ckpt image=photo.jpg text="the man on the left" [out=photo.pred.png]
+    python -m src.predict ckpt=best.ckpt inputs=queries.jsonl [output=predictions.jsonl] [batch_size=16]
+
+Options (key=value): `device=auto|cpu|cuda`, `draw=true|false` (a PNG per prediction), `image_root=DIR`
+(JSONL image paths are relative to it; default: the JSONL's folder), `box_format=xyxy|xywh` (of optional
+`bbox` fields in the JSONL, to report IoU). The checkpoint brings its model, PEFT method, seed and
+tokenizer settings (suite checkpoints and converted official ones); the frozen backbones are rebuilt.
+Boxes are printed as x1 y1 x2 y2 in pixels of the original image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import open_dict
+from PIL import Image, ImageDraw
+from torchvision.ops import box_iou
+
+from src.checkpoints import load_into, read_checkpoint
+from src.config import compose
+from src.data.benchmarks import BOX_FORMATS
+from src.data.dataset import load_image
+from src.data.readers import SplitFileError, to_xyxy
+from src.data.transforms import CanvasMeta, EvalTransform
+from src.lit import GroundingModule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Query:
+    """One image and phrase to ground; `box` (x1y1x2y2 pixels) when the answer is known."""
+
+    image: Path
+    phrase: str
+    box: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class Prediction:
+    """A predicted x1y1x2y2 box in pixels of the original image, and the IoU when the answer was given."""
+
+    query: Query
+    box: tuple[float, float, float, float]
+    iou: float | None
+
+    def as_json(self) -> dict[str, Any]:
+        out = {"image": str(self.query.image), "phrase": self.query.phrase, "box": [round(v, 2) for v in self.box]}
+        if self.query.box is not None:
+            out |= {"bbox": list(self.query.box), "iou": round(float(self.iou), 4)}
+        return out
+
+
+class Predictor:
+    """A checkpoint's grounder with its tokenizers and eval transform, ready for (image, phrase) batches."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "auto") -> None:
+        state, stored, prints = read_checkpoint(checkpoint)
+        cfg = compose()
+        from src.run import adopt_checkpoint_model, apply_backbone_pretraining, build_module
+
+        adopt_checkpoint_model(cfg, stored)
+        with open_dict(cfg):
+            if stored.get("data"):  # its tokenizer vocabularies (and the synthetic pretraining corpus)
+                cfg.data = stored["data"]
+        L.seed_everything(cfg.seed, verbose=False)
+        datamodule = instantiate(cfg.data)
+        apply_backbone_pretraining(cfg, datamodule)
+        module: GroundingModule = build_module(cfg)
+        load_into(module.model, state, prints, str(checkpoint))
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.model = module.model.to(self.device).eval()
+        self.bert, self.clip = datamodule.tokenizers()
+        self.image_size = int(cfg.model.image_size)
+        self.max_query_len = int(cfg.model.max_query_len)
+        self.transform = EvalTransform(self.image_size)
+
+    @torch.no_grad()
+    def predict(self, queries: Sequence[Query]) -> list[Prediction]:
+        """Ground each query; boxes are mapped back to the original image and clipped to it."""
+        images, metas, sizes = [], [], []
+        for q in queries:
+            image = load_image(q.image, f"query {q.phrase!r}")
+            sizes.append(image.size)
+            out = self.transform(image, q.box or (0.0, 0.0, 1.0, 1.0), q.phrase)
+            images.append(out)
+            metas.append(out.meta)
+        phrases = [t.phrase for t in images]
+        text_ids, text_mask = self.bert(phrases, self.max_query_len)
+        prior_ids, prior_mask = self.clip(phrases, self.max_query_len)
+        batch = {
+            "image": torch.stack([t.image for t in images]), "pixel_mask": torch.stack([t.pixel_mask for t in images]),
+            "text_ids": text_ids, "text_mask": text_mask, "prior_ids": prior_ids, "prior_mask": prior_mask,
+        }
+        boxes = self.model(**{k: v.to(self.device) for k, v in batch.items()}).boxes.float().cpu()
+        results = []
+        for q, meta, size, box in zip(queries, metas, sizes, boxes, strict=True):
+            xyxy = to_original(box, meta, size, self.image_size)
+            iou = None
+            if q.box is not None:
+                iou = float(box_iou(torch.tensor([xyxy]), torch.tensor([q.box], dtype=torch.float32))[0, 0])
+            results.append(Prediction(q, xyxy, iou))
+        return results
+
+
+def to_original(box: torch.Tensor, meta: CanvasMeta, size: tuple[int, int], image_size: int) -> tuple[float, ...]:
+    """A (cx, cy, w, h) box in [0, 1] of the canvas -> x1y1x2y2 pixels of the original image, clipped."""
+    cx, cy, w, h = (box * image_size).tolist()
+    x1, y1, x2, y2 = meta.to_image_box((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
+    width, height = size
+    return (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
+
+
+def draw(prediction: Prediction, path: Path) -> Path:
+    """The original image with the predicted box (red), the given box (green) and the phrase."""
+    image = Image.open(prediction.query.image).convert("RGB")
+    pen = ImageDraw.Draw(image)
+    width = max(2, round(max(image.size) / 200))
+    if prediction.query.box is not None:
+        pen.rectangle(prediction.query.box, outline=(0, 200, 0), width=width)
+    pen.rectangle(prediction.box, outline=(230, 0, 0), width=width)
+    caption = prediction.query.phrase + (f"  (IoU {prediction.iou:.2f})" if prediction.iou is not None else "")
+    x, y = prediction.box[0], max(prediction.box[1] - 14, 0)
+    pen.rectangle(pen.textbbox((x, y), caption), fill=(255, 255, 255))
+    pen.text((x, y), caption, fill=(230, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def read_queries(path: Path, image_root: Path | None, box_format: str) -> list[Query]:
+    """A JSONL of {"image", "phrase", optional "bbox"} objects (the custom-data format, box optional)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"inputs file not found: {path}")
+    root = image_root or path.parent
+    queries = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SplitFileError(f"{where}: not valid JSON ({err.msg})") from None
+        if isinstance(obj, dict) and set(obj) == {"box_format"}:
+            box_format = obj["box_format"]
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not isinstance(obj.get("phrase"), str):
+            raise SplitFileError(f"{where}: expected an object with string fields 'image' and 'phrase'")
+        box = None
+        if obj.get("bbox") is not None:
+            bbox = obj["bbox"]
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)):
+                raise SplitFileError(f"{where}: field 'bbox' must be 4 numbers, got {bbox!r:.80}")
+            box = to_xyxy(bbox, box_format)
+        queries.append(Query(root / obj["image"], obj["phrase"], box))
+    return queries
+
+
+def batches(items: Sequence[Query], size: int) -> Iterator[Sequence[Query]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def parse_args(argv: Sequence[str]) -> dict[str, str]:
+    """key=value arguments (the Hydra-like style of the other commands)."""
+    args = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"arguments are key=value, got {arg!r}\n\n{__doc__}")
+        args[key] = value
+    known = {"ckpt", "image", "text", "out", "inputs", "output", "batch_size", "device", "draw", "image_root",
+             "box_format"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise SystemExit(f"unknown arguments {unknown}; known: {sorted(known)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    logging.basicConfig(level=logging.WARNING)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if "ckpt" not in args or not (("image" in args and "text" in args) or "inputs" in args):
+        raise SystemExit(__doc__)
+    box_format = args.get("box_format", "xyxy")
+    if box_format not in BOX_FORMATS:
+        raise SystemExit(f"box_format must be one of {BOX_FORMATS}")
+    predictor = Predictor(args["ckpt"], args.get("device", "auto"))
+    do_draw = args.get("draw", "true").lower() in ("1", "true", "yes")
+    if "inputs" in args:
+        root = Path(args["image_root"]) if "image_root" in args else None
+        queries = read_queries(Path(args["inputs"]), root, box_format)
+        output = Path(args.get("output", Path(args["inputs"]).with_suffix(".predictions.jsonl")))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with output.open("w") as f:
+            done = 0
+            for chunk in batches(queries, int(args.get("batch_size", 16))):
+                for p in predictor.predict(chunk):
+                    row = p.as_json()
+                    if do_draw:  # one picture per query, numbered by its place among the queries
+                        row["png"] = str(draw(p, output.parent / f"{output.stem}_{done:05d}_{p.query.image.stem}.png"))
+                    f.write(json.dumps(row) + "\n")
+                    done += 1
+        print(f"{len(queries)} predictions written to {output}")
+        return 0
+    query = Query(Path(args["image"]), args["text"])
+    prediction = predictor.predict([query])[0]
+    x1, y1, x2, y2 = prediction.box
+    print(f"{x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}")
+    if do_draw:
+        out = Path(args.get("out", f"{query.image.stem}.prediction.png"))
+        print(f"drawn on {draw(prediction, out)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
