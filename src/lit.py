@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from src.checkpoints import (
@@ -24,6 +27,28 @@ from src.metrics import GroundingAccuracy
 from src.models.grounder import Grounder, GrounderOutput
 
 MODEL_INPUTS = ("image", "pixel_mask", "text_ids", "text_mask", "prior_ids", "prior_mask")
+
+
+def rng_states() -> dict[str, Any]:
+    """Torch (CPU and CUDA), numpy and Python RNG states as plain data (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` saved."""
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 class NonFiniteError(FloatingPointError):
@@ -129,13 +154,17 @@ class GroundingModule(L.LightningModule):
         checkpoint["state_dict"] = {MODEL_PREFIX + k: v for k, v in state.items()}
         if self._frozen_fingerprint is None:  # the frozen tensors never change during a run
             self._frozen_fingerprint = frozen_fingerprint(self.model, state)
-        checkpoint.update(format=CHECKPOINT_FORMAT, config=self.config, frozen_fingerprint=self._frozen_fingerprint)
+        checkpoint.update(format=CHECKPOINT_FORMAT, config=self.config, frozen_fingerprint=self._frozen_fingerprint,
+                          rng_states=rng_states())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another config (the message lists the keys) before Lightning loads it."""
         state = strip_prefix(checkpoint["state_dict"])
         check_state(self.model, state, "the checkpoint")
         check_fingerprint(self.model, state, checkpoint.get("frozen_fingerprint") or {}, "the checkpoint")
+        if checkpoint.get("rng_states") and self.trainer.state.fn == TrainerFn.FITTING:
+            # resuming: the next epoch's shuffle is drawn as the uninterrupted run would draw it
+            set_rng_states(checkpoint["rng_states"])
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer, scheduler = self.build_optimizer(int(self.trainer.estimated_stepping_batches))

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
@@ -68,16 +67,15 @@ class Predictor:
     def __init__(self, checkpoint: str | Path, device: str = "auto") -> None:
         state, stored, prints = read_checkpoint(checkpoint)
         cfg = compose()
-        from src.run import adopt_checkpoint_model, apply_backbone_pretraining, build_module
+        from src.run import adopt_checkpoint_model, apply_backbone_pretraining, build_seeded_module
 
         adopt_checkpoint_model(cfg, stored)
         with open_dict(cfg):
             if stored.get("data"):  # its tokenizer vocabularies (and the synthetic pretraining corpus)
                 cfg.data = stored["data"]
-        L.seed_everything(cfg.seed, verbose=False)
         datamodule = instantiate(cfg.data)
         apply_backbone_pretraining(cfg, datamodule)
-        module: GroundingModule = build_module(cfg)
+        module: GroundingModule = build_seeded_module(cfg)
         load_into(module.model, state, prints, str(checkpoint))
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.model = module.model.to(self.device).eval()

@@ -30,6 +30,7 @@ from src.pretrain_vision import VisionPretraining, ensure_pretrained_vit
 from src.quirks import ModelQuirks
 from src.report import prediction_grid, print_table, split_metrics, write_results
 from src.results import append_result, hydra_choices, in_multirun, result_row, results_file
+from src.resume import find_last_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,13 @@ def build_module(cfg: DictConfig) -> GroundingModule:
         loss=instantiate(cfg.loss) if cfg.get("loss") else None,
         config=resolved(cfg),
     )
+
+
+def build_seeded_module(cfg: DictConfig) -> GroundingModule:
+    """`build_module` right after seeding: the initial weights (and the data order drawn after them)
+    then do not depend on whether the pretraining stages ran or were read from the cache."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return build_module(cfg)
 
 
 def resolved(cfg: DictConfig) -> dict:
@@ -155,6 +163,11 @@ def draw_predictions(module: GroundingModule, loader, count: int, path: Path) ->
 def run(cfg: DictConfig) -> float | None:
     """Train, test and report as configured; returns the best val/acc50 (None when not training)."""
     start = time.perf_counter()
+    if cfg.get("ckpt_path") == "last":  # continue that run, in its own folder (best-checkpoint tracking included)
+        last = find_last_checkpoint(resolved(cfg), cfg.get("resume_roots") or ["outputs"])
+        with open_dict(cfg):
+            cfg.ckpt_path, cfg.paths.output_dir = str(last), str(last.parent.parent)
+        log.info("resuming from %s; the run continues in %s", cfg.ckpt_path, cfg.paths.output_dir)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     evaluate_only = bool(cfg.get("ckpt_path")) and not cfg.train
@@ -164,7 +177,7 @@ def run(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     apply_backbone_pretraining(cfg, datamodule)
-    module = build_module(cfg)
+    module = build_seeded_module(cfg)
     if evaluate_only:
         load_into(module.model, stored_state, stored_prints, str(cfg.ckpt_path))
     params = parameter_report(module.model)
