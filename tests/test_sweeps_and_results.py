@@ -122,3 +122,13 @@ def test_fast_dev_run_debug_mode_runs_end_to_end(tmp_path: Path):
     written = json.loads((tmp_path / "run" / "results.json").read_text())
     assert written["splits"]["test"]["n"] > 0
     assert (tmp_path / "run" / results.RESULTS_NAME).exists()
+
+
+@pytest.mark.slow
+def test_a_diverging_job_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path: Path):
+    sweep(tmp_path, "optim.optimizer.lr=1e38,1e-3")  # LR 1e38 makes the weights, then the loss, non-finite
+    rows = [json.loads(line) for line in (tmp_path / "sweep" / results.RESULTS_NAME).read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["failed", "ok"]
+    assert rows[0]["reason"].startswith("non-finite loss at global step")
+    assert json.loads((tmp_path / "sweep" / "0" / "results.json").read_text())["status"] == "failed"
+    assert [e["runs"] for e in results.summarise(rows)] == [1]  # failed runs are not averaged in
