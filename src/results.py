@@ -10,6 +10,7 @@ The CLI finds every `results.jsonl` under the given folders and prints one row p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import fcntl
 import io
@@ -67,11 +68,24 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak-memory measurement: CUDA's peak statistics, and on Linux the process's RSS
+    high-water mark (`/proc/self/clear_refs` 5), so that each job of a multirun counts its own peak."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    with contextlib.suppress(OSError):  # not Linux: ru_maxrss below is then the whole process's peak
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_bytes() -> int:
-    """Peak GPU memory allocated when CUDA is in use, else the process's peak RSS (Linux: KiB units)."""
+    """Peak GPU memory allocated when CUDA is in use, else the peak RSS since `reset_peak_memory`."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+    except (OSError, AttributeError):
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def method_name(config: Mapping[str, Any], choices: Mapping[str, str]) -> str:

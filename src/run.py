@@ -29,7 +29,7 @@ from src.pretrain_text import TextPretraining, bert_tower, clip_tower, ensure_pr
 from src.pretrain_vision import VisionPretraining, ensure_pretrained_vit
 from src.quirks import ModelQuirks
 from src.report import prediction_grid, print_table, split_metrics, write_results
-from src.results import append_result, hydra_choices, in_multirun, result_row, results_file
+from src.results import append_result, hydra_choices, in_multirun, reset_peak_memory, result_row, results_file
 from src.resume import find_last_checkpoint
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,7 @@ def draw_predictions(module: GroundingModule, loader, count: int, path: Path) ->
 def run(cfg: DictConfig) -> float | None:
     """Train, test and report as configured; returns the best val/acc50 (None when not training)."""
     start = time.perf_counter()
+    reset_peak_memory()
     if cfg.get("ckpt_path") == "last":  # continue that run, in its own folder (best-checkpoint tracking included)
         last = find_last_checkpoint(resolved(cfg), cfg.get("resume_roots") or ["outputs"])
         with open_dict(cfg):
