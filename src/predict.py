@@ -30,7 +30,7 @@ from src.checkpoints import load_into, read_checkpoint
 from src.config import compose
 from src.data.benchmarks import BOX_FORMATS
 from src.data.dataset import load_image
-from src.data.readers import SplitFileError, to_xyxy
+from src.data.readers import SplitFileError, jsonl_header_format, jsonl_objects, to_xyxy
 from src.data.transforms import CanvasMeta, EvalTransform
 from src.lit import GroundingModule
 
@@ -139,20 +139,12 @@ def draw(prediction: Prediction, path: Path) -> Path:
 
 def read_queries(path: Path, image_root: Path | None, box_format: str) -> list[Query]:
     """A JSONL of {"image", "phrase", optional "bbox"} objects (the custom-data format, box optional)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"inputs file not found: {path}")
     root = image_root or path.parent
     queries = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SplitFileError(f"{where}: not valid JSON ({err.msg})") from None
-        if isinstance(obj, dict) and set(obj) == {"box_format"}:
-            box_format = obj["box_format"]
+    for where, obj in jsonl_objects(path, "inputs file"):
+        declared = jsonl_header_format(obj, where) if not queries else None
+        if declared is not None:
+            box_format = declared
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not isinstance(obj.get("phrase"), str):
             raise SplitFileError(f"{where}: expected an object with string fields 'image' and 'phrase'")

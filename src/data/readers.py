@@ -15,7 +15,7 @@ import logging
 import math
 import pickle
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -308,7 +308,7 @@ def _jsonl_record(obj: Any, box_format: str, int_boxes: bool, where: str) -> Rec
     return Record(image, to_xyxy(_as_box(bbox, f"{where}: field 'bbox'"), box_format, int_boxes), phrase)
 
 
-def _jsonl_header_format(obj: Any, where: str) -> str | None:
+def jsonl_header_format(obj: Any, where: str) -> str | None:
     """A line holding only {"box_format": ...} declares the file's box format; return it, else None."""
     if not isinstance(obj, dict) or set(obj) != {"box_format"}:
         return None
@@ -325,18 +325,17 @@ def jsonl_declared_format(path: str | Path) -> str | None:
         for lineno, line in enumerate(file, start=1):
             if line.strip():
                 try:
-                    return _jsonl_header_format(json.loads(line), f"{path}:{lineno}")
+                    return jsonl_header_format(json.loads(line), f"{path}:{lineno}")
                 except json.JSONDecodeError:
                     return None
     return None
 
 
-def read_jsonl(path: str | Path, box_format: str | None = None, int_boxes: bool = False) -> list[Record]:
-    """Read a JSON Lines split; a first line {"box_format": "xywh"} overrides the box_format setting."""
+def jsonl_objects(path: str | Path, what: str) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, parsed object) for every non-blank line of a JSON Lines file; errors name the line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path}")
-    records: list[Record] = []
+        raise FileNotFoundError(f"{what} not found: {path}")
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -345,7 +344,14 @@ def read_jsonl(path: str | Path, box_format: str | None = None, int_boxes: bool 
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise SplitFileError(f"{where}: not valid JSON ({err.msg})") from None
-        declared = _jsonl_header_format(obj, where) if not records else None
+        yield where, obj
+
+
+def read_jsonl(path: str | Path, box_format: str | None = None, int_boxes: bool = False) -> list[Record]:
+    """Read a JSON Lines split; a first line {"box_format": "xywh"} overrides the box_format setting."""
+    records: list[Record] = []
+    for where, obj in jsonl_objects(path, "split file"):
+        declared = jsonl_header_format(obj, where) if not records else None
         if declared is not None:
             box_format = declared
             continue
