@@ -149,10 +149,10 @@ def append_result(path: Path, row: Mapping[str, Any]) -> Path:
 
 
 def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Every row of every `results.jsonl` given or found under the given folders (a run counted once)."""
+    """Every row of every `results*.jsonl` given or found under the given folders (a run counted once)."""
     rows, seen = [], set()
     for root in map(Path, paths):
-        files = [root] if root.is_file() else sorted(root.rglob(RESULTS_NAME))
+        files = [root] if root.is_file() else sorted(root.rglob("results*.jsonl"))
         for file in files:
             for line in file.read_text().splitlines():
                 if not line.strip():
