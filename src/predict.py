@@ -33,6 +33,7 @@ from src.data.dataset import load_image
 from src.data.readers import SplitFileError, jsonl_header_format, jsonl_objects, to_xyxy
 from src.data.transforms import CanvasMeta, EvalTransform
 from src.lit import GroundingModule
+from src.run import adopt_checkpoint_model, apply_backbone_pretraining, build_seeded_module
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ class Predictor:
     def __init__(self, checkpoint: str | Path, device: str = "auto") -> None:
         state, stored, prints = read_checkpoint(checkpoint)
         cfg = compose()
-        from src.run import adopt_checkpoint_model, apply_backbone_pretraining, build_seeded_module
-
         adopt_checkpoint_model(cfg, stored)
         with open_dict(cfg):
             if stored.get("data"):  # its tokenizer vocabularies (and the synthetic pretraining corpus)
