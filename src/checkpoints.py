@@ -69,6 +69,12 @@ def frozen_fingerprint(model: nn.Module, stored: Mapping[str, torch.Tensor]) -> 
     return fingerprint({k: v for k, v in model.state_dict().items() if k not in stored})
 
 
+def listing(keys: list[str], limit: int) -> str:
+    """The first `limit` keys, one per indented line, and how many more there are."""
+    more = f"\n    ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "\n    ".join(keys[:limit]) + more
+
+
 def check_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Refuse `state` unless it holds everything that trains in `model`, only keys the model has, with
     matching shapes; the message lists the mismatched keys."""
@@ -85,8 +91,7 @@ def check_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
         for title, keys in (("missing (the model trains them)", missing), ("unexpected", unexpected),
                             ("shape mismatch", shapes)):
             if keys:
-                listed = "\n    ".join(keys[:20]) + (f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else "")
-                parts.append(f"  {len(keys)} {title}:\n    {listed}")
+                parts.append(f"  {len(keys)} {title}:\n    {listing(keys, 20)}")
         raise CheckpointMismatchError("\n".join(parts))
 
 
@@ -102,10 +107,10 @@ def check_fingerprint(model: nn.Module, stored: Mapping[str, torch.Tensor], expe
                                       for a, b in zip(actual[k], (s, q), strict=True))
     )
     if differ:
-        listed = "\n    ".join(differ[:10]) + (f"\n    ... and {len(differ) - 10} more" if len(differ) > 10 else "")
         raise CheckpointMismatchError(
             f"{source}: {len(differ)} frozen backbone tensors rebuilt from the config differ from those the "
-            f"checkpoint was trained with (other pretrained weights, init checkpoint or seed?):\n    {listed}"
+            "checkpoint was trained with (other pretrained weights, init checkpoint or seed?):\n    "
+            + listing(differ, 10)
         )
 
 
