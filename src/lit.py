@@ -22,6 +22,7 @@ from src.checkpoints import (
     strip_prefix,
     trainable_state,
 )
+from src.data.problems import SkippedRecords
 from src.losses import GroundingLoss
 from src.metrics import GroundingAccuracy
 from src.models.grounder import Grounder, GrounderOutput
@@ -89,12 +90,24 @@ class GroundingModule(L.LightningModule):
         self.val_metric = GroundingAccuracy()
         self.test_split_names: list[str] = ["test"]
         self.test_metrics = nn.ModuleList()
+        self.skipped = SkippedRecords()  # records left out of their batch under data.bad_records=skip
+
+    def _has_samples(self, stage: str, batch: dict[str, Any]) -> bool:
+        """Count the batch's skipped records (data.bad_records=skip); False when none of its samples is left."""
+        if batch.get("skipped"):
+            self.skipped.note(stage, batch["skipped"])
+        return "image" in batch
 
     def forward(self, batch: dict[str, Any], return_features: bool = False) -> GrounderOutput:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         return self.model(**inputs, return_features=return_features)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if not self._has_samples("train", batch):  # every sample skipped: no step (under DDP a zero step,
+            # so that the other processes' gradient all-reduce still finds this one)
+            if self.trainer.world_size == 1:
+                return None
+            return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
         losses = self.loss(self(batch).boxes, batch["box"])
         self._last_batch = (batch.get("image_file"), {k: v.detach() for k, v in losses.items()})
         if not torch.isfinite(torch.stack(list(self._last_batch[1].values()))).all():  # one host sync per step
@@ -120,6 +133,8 @@ class GroundingModule(L.LightningModule):
         )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if not self._has_samples("val", batch):
+            return
         pred = self(batch).boxes
         self.log("val/loss", self.loss(pred, batch["box"])["loss"], batch_size=len(pred), sync_dist=True)
         self.val_metric.update(pred, batch["box"])
@@ -138,6 +153,8 @@ class GroundingModule(L.LightningModule):
         self.test_metrics = nn.ModuleList(GroundingAccuracy() for _ in self.test_split_names).to(self.device)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self._has_samples(f"test/{self.test_split_names[dataloader_idx]}", batch):
+            return
         self.test_metrics[dataloader_idx].update(self(batch).boxes, batch["box"])
 
     def on_test_epoch_end(self) -> None:

@@ -5,7 +5,10 @@
 
 Options (key=value): `device=auto|cpu|cuda`, `draw=true|false` (a PNG per prediction), `image_root=DIR`
 (JSONL image paths are relative to it; default: the JSONL's folder), `box_format=xyxy|xywh` (of optional
-`bbox` fields in the JSONL, to report IoU). The checkpoint brings its model, PEFT method, seed and
+`bbox` fields in the JSONL, to report IoU), `on_error=fail|skip` (a query whose image cannot be read or
+whose phrase is empty: stop naming it, or write its line with an `error` field and go on),
+`exif=true|false` (turn photos upright by their EXIF orientation first, as viewers show them; boxes are
+then in upright pixels; default true). The checkpoint brings its model, PEFT method, seed and
 tokenizer settings (suite checkpoints and converted official ones); the frozen backbones are rebuilt.
 Boxes are printed as x1 y1 x2 y2 in pixels of the original image.
 """
@@ -29,7 +32,8 @@ from torchvision.ops import box_iou
 from src.checkpoints import load_into, read_checkpoint
 from src.config import compose
 from src.data.benchmarks import BOX_FORMATS
-from src.data.dataset import load_image
+from src.data.images import ImageReadError, load_image
+from src.data.problems import BadRecordError, check_policy
 from src.data.readers import SplitFileError, jsonl_header_format, jsonl_objects, to_xyxy
 from src.data.transforms import CanvasMeta, EvalTransform
 from src.lit import GroundingModule
@@ -49,14 +53,19 @@ class Query:
 
 @dataclass
 class Prediction:
-    """A predicted x1y1x2y2 box in pixels of the original image, and the IoU when the answer was given."""
+    """A predicted x1y1x2y2 box in pixels of the original image and the IoU when the answer was given;
+    or, for a query that could not be run (on_error=skip), no box and the `error`."""
 
     query: Query
-    box: tuple[float, float, float, float]
+    box: tuple[float, float, float, float] | None
     iou: float | None
+    error: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        out = {"image": str(self.query.image), "phrase": self.query.phrase, "box": [round(v, 2) for v in self.box]}
+        out: dict[str, Any] = {"image": str(self.query.image), "phrase": self.query.phrase}
+        if self.box is None:
+            return out | {"error": self.error}
+        out["box"] = [round(v, 2) for v in self.box]
         if self.query.box is not None:
             out |= {"bbox": list(self.query.box), "iou": round(float(self.iou), 4)}
         return out
@@ -65,7 +74,9 @@ class Prediction:
 class Predictor:
     """A checkpoint's grounder with its tokenizers and eval transform, ready for (image, phrase) batches."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto") -> None:
+    def __init__(
+        self, checkpoint: str | Path, device: str = "auto", on_error: str = "fail", exif_transpose: bool = True
+    ) -> None:
         state, stored, prints = read_checkpoint(checkpoint)
         cfg = compose()
         adopt_checkpoint_model(cfg, stored)
@@ -82,13 +93,40 @@ class Predictor:
         self.image_size = int(cfg.model.image_size)
         self.max_query_len = int(cfg.model.max_query_len)
         self.transform = EvalTransform(self.image_size)
+        self.on_error, self.exif_transpose = check_policy(on_error), exif_transpose
+
+    def load(self, query: Query) -> Image.Image:
+        """The query's image as the model sees it (RGB, upright when exif_transpose); errors name the query."""
+        if not query.phrase.strip():
+            raise BadRecordError(f"empty phrase: query ({query.image}, {query.phrase!r}): nothing to ground")
+        try:
+            return load_image(query.image, f"query ({query.image}, {query.phrase!r})", self.exif_transpose)
+        except ImageReadError as err:
+            raise BadRecordError(f"unreadable image: {err}") from None
 
     @torch.no_grad()
     def predict(self, queries: Sequence[Query]) -> list[Prediction]:
-        """Ground each query; boxes are mapped back to the original image and clipped to it."""
+        """Ground each query; boxes are mapped back to the original image and clipped to it.
+
+        A query that cannot run raises BadRecordError (on_error="fail") or comes back with its `error`.
+        """
+        failed: dict[int, str] = {}
+        loaded = []
+        for i, q in enumerate(queries):
+            try:
+                loaded.append((q, self.load(q)))
+            except BadRecordError as err:
+                if self.on_error == "fail":
+                    raise
+                failed[i] = str(err)
+        done = iter(self.ground(loaded) if loaded else [])
+        return [Prediction(q, None, None, failed[i]) if i in failed else next(done) for i, q in enumerate(queries)]
+
+    def ground(self, loaded: Sequence[tuple[Query, Image.Image]]) -> list[Prediction]:
+        """One batched forward over loaded (query, image) pairs."""
         images, metas, sizes = [], [], []
-        for q in queries:
-            image = load_image(q.image, f"query {q.phrase!r}")
+        queries = [q for q, _ in loaded]
+        for q, image in loaded:
             sizes.append(image.size)
             out = self.transform(image, q.box or (0.0, 0.0, 1.0, 1.0), q.phrase)
             images.append(out)
@@ -119,9 +157,9 @@ def to_original(box: torch.Tensor, meta: CanvasMeta, size: tuple[int, int], imag
     return (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
 
 
-def draw(prediction: Prediction, path: Path) -> Path:
+def draw(prediction: Prediction, path: Path, exif_transpose: bool = True) -> Path:
     """The original image with the predicted box (red), the given box (green) and the phrase."""
-    image = Image.open(prediction.query.image).convert("RGB")
+    image = load_image(prediction.query.image, "drawing", exif_transpose)
     pen = ImageDraw.Draw(image)
     width = max(2, round(max(image.size) / 200))
     if prediction.query.box is not None:
@@ -154,6 +192,8 @@ def read_queries(path: Path, image_root: Path | None, box_format: str) -> list[Q
                 raise SplitFileError(f"{where}: field 'bbox' must be 4 numbers, got {bbox!r:.80}")
             box = to_xyxy(bbox, box_format)
         queries.append(Query(root / obj["image"], obj["phrase"], box))
+    if not queries:
+        raise SplitFileError(f"{path}: no queries (expected one JSON object per line)")
     return queries
 
 
@@ -171,7 +211,7 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
             raise SystemExit(f"arguments are key=value, got {arg!r}\n\n{__doc__}")
         args[key] = value
     known = {"ckpt", "image", "text", "out", "inputs", "output", "batch_size", "device", "draw", "image_root",
-             "box_format"}
+             "box_format", "on_error", "exif"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise SystemExit(f"unknown arguments {unknown}; known: {sorted(known)}")
@@ -187,31 +227,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     box_format = args.get("box_format", "xyxy")
     if box_format not in BOX_FORMATS:
         raise SystemExit(f"box_format must be one of {BOX_FORMATS}")
-    predictor = Predictor(args["ckpt"], args.get("device", "auto"))
+    exif = args.get("exif", "true").lower() in ("1", "true", "yes")
+    predictor = Predictor(args["ckpt"], args.get("device", "auto"), args.get("on_error", "fail"), exif)
     do_draw = args.get("draw", "true").lower() in ("1", "true", "yes")
     if "inputs" in args:
         root = Path(args["image_root"]) if "image_root" in args else None
         queries = read_queries(Path(args["inputs"]), root, box_format)
         output = Path(args.get("output", Path(args["inputs"]).with_suffix(".predictions.jsonl")))
         output.parent.mkdir(parents=True, exist_ok=True)
+        skipped = 0
         with output.open("w") as f:
             done = 0
             for chunk in batches(queries, int(args.get("batch_size", 16))):
                 for p in predictor.predict(chunk):
                     row = p.as_json()
-                    if do_draw:  # one picture per query, numbered by its place among the queries
-                        row["png"] = str(draw(p, output.parent / f"{output.stem}_{done:05d}_{p.query.image.stem}.png"))
+                    skipped += p.box is None
+                    if do_draw and p.box is not None:  # one picture per query, numbered by its place
+                        png = output.parent / f"{output.stem}_{done:05d}_{p.query.image.stem}.png"
+                        row["png"] = str(draw(p, png, exif))
                     f.write(json.dumps(row) + "\n")
                     done += 1
-        print(f"{len(queries)} predictions written to {output}")
+        print(f"{len(queries) - skipped} predictions written to {output}")
+        if skipped:
+            print(f"{skipped} queries skipped (on_error=skip): their lines carry the error", file=sys.stderr)
         return 0
     query = Query(Path(args["image"]), args["text"])
-    prediction = predictor.predict([query])[0]
+    try:
+        prediction = predictor.predict([query])[0]
+    except BadRecordError as err:
+        raise SystemExit(f"error: {err}") from None
+    if prediction.box is None:
+        raise SystemExit(f"error: {prediction.error}")
     x1, y1, x2, y2 = prediction.box
     print(f"{x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}")
     if do_draw:
         out = Path(args.get("out", f"{query.image.stem}.prediction.png"))
-        print(f"drawn on {draw(prediction, out)}", file=sys.stderr)
+        print(f"drawn on {draw(prediction, out, exif)}", file=sys.stderr)
     return 0
 
 

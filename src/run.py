@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from src.checkpoints import load_into, read_checkpoint
+from src.data.problems import DataError
 from src.lit import GroundingModule, NonFiniteError
 from src.models.encoders import PriorSettings, TextSettings
 from src.params import format_report, parameter_report
@@ -149,6 +150,8 @@ def draw_predictions(module: GroundingModule, loader, count: int, path: Path) ->
     module.eval()
     images, gts, preds, phrases = [], [], [], []
     for batch in loader:
+        if "image" not in batch:  # every sample skipped (data.bad_records=skip)
+            continue
         batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         preds.append(module(batch).boxes.cpu())
         images.append(batch["image"].cpu())
@@ -156,6 +159,8 @@ def draw_predictions(module: GroundingModule, loader, count: int, path: Path) ->
         phrases.extend(batch["phrase"])
         if len(phrases) >= count:
             break
+    if not images:
+        return
     grid = prediction_grid(torch.cat(images)[:count], torch.cat(gts)[:count], torch.cat(preds)[:count], phrases[:count])
     grid.save(path)
 
@@ -189,7 +194,7 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.train:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        except NonFiniteError as err:
+        except (NonFiniteError, DataError) as err:
             return record_failure(cfg, trainer, params, err, time.perf_counter() - start)
         checkpoint = trainer.checkpoint_callback
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
@@ -207,6 +212,7 @@ def run(cfg: DictConfig) -> float | None:
             loaders = [datamodule.shuffled_text_dataloader(n) for n in names]
             scores = evaluate_splits(trainer, module, loaders, [f"{n}_shuffled_text" for n in names], None)
             shuffled = {n: {"acc50": scores[f"{n}_shuffled_text"]["acc50"]} for n in names}
+    problems = data_problems(datamodule, module)  # gathers over processes: every rank takes part
     if not trainer.is_global_zero:
         return best_score
     if cfg.test:
@@ -222,6 +228,7 @@ def run(cfg: DictConfig) -> float | None:
         "wall_seconds": wall,
         "best_val_acc50": best_score,
         "best_checkpoint": best_ckpt,
+        "data_problems": problems,
         "parameters": params,
         "config": config,
     })
@@ -232,6 +239,15 @@ def run(cfg: DictConfig) -> float | None:
     table = append_result(results_file(out_dir), row)
     log.info("results written to %s (and a line in %s)", out_dir / "results.json", table)
     return best_score
+
+
+def data_problems(datamodule: L.LightningDataModule, module: GroundingModule) -> dict:
+    """Records left out: at reading (degenerate boxes, per split) and skipped when loading (per stage)."""
+    dropped = datamodule.reading_problems() if hasattr(datamodule, "reading_problems") else {}
+    skipped = module.skipped.summary()
+    for stage, found in skipped.items():
+        log.warning("%s: %d records skipped (data.bad_records=skip): %s", stage, found["count"], found["kinds"])
+    return {"dropped_at_reading": dropped, "skipped": skipped}
 
 
 def record_failure(cfg: DictConfig, trainer: L.Trainer, params: dict, err: Exception, seconds: float) -> float:

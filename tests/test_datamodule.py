@@ -14,7 +14,8 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from src.data.datamodule import GroundingDataModule
-from src.data.dataset import CachedSamples, ImageReadError, derangement
+from src.data.dataset import CachedSamples, derangement
+from src.data.problems import BadRecordError
 from src.data.records import Record
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -157,10 +158,10 @@ def test_workers_load_batches(root: Path) -> None:
 def test_unreadable_image_names_file_and_record(root: Path) -> None:
     (root / "images" / "val_2.jpg").write_bytes(b"not a jpeg")
     dataset = make_dm(root).make_dataset("val", train=False)
-    with pytest.raises(ImageReadError, match=r"record 2 \('a dog'\).*val_2\.jpg"):
+    with pytest.raises(BadRecordError, match=r"unreadable image: .*referit_val\.pth: record 2 \(val_2\.jpg, 'a dog'\)"):
         dataset[2]
     (root / "images" / "val_3.jpg").unlink()
-    with pytest.raises(ImageReadError, match=r"record 3.*val_3\.jpg"):
+    with pytest.raises(BadRecordError, match=r"record 3.*val_3\.jpg"):
         dataset[3]
 
 

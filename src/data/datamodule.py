@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 from src.config import checked_fields
 from src.data.benchmarks import BOX_FORMATS, BenchmarkSpec, get_benchmark
 from src.data.dataset import CachedSamples, RecordDataset, collate
-from src.data.readers import is_degenerate, read_jsonl, read_refer, read_transvg
+from src.data.problems import DataError, check_policy
+from src.data.readers import SplitFileError, is_degenerate, read_jsonl, read_refer, read_transvg
 from src.data.records import Record
 from src.data.tokenizers import bert_tokenizer, clip_tokenizer
 from src.data.transforms import AugmentSettings, build_transform
@@ -80,6 +81,8 @@ class GroundingDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         shuffle_text_seed: int = 0,
         cache_samples: bool = False,
+        bad_records: str = "fail",
+        exif_transpose: bool = False,
     ) -> None:
         """Store the settings; nothing is read until prepare_data/setup."""
         super().__init__()
@@ -98,6 +101,7 @@ class GroundingDataModule(L.LightningDataModule):
         self.cache_dir, self.synthetic = cache_dir, dict(synthetic or {})
         self.drop_last, self.pin_memory, self.shuffle_text_seed = drop_last, pin_memory, shuffle_text_seed
         self.cache_samples = cache_samples
+        self.bad_records, self.exif_transpose = check_policy(bad_records), exif_transpose
         self._split_root, self._image_root, self._data_root = split_root, image_root, data_root
         self._synthetic_root: Path | None = None
         self._tokenizers: tuple[Any, Any] | None = None
@@ -210,10 +214,27 @@ class GroundingDataModule(L.LightningDataModule):
         return read_transvg(self.split_file(split), self.box_format, self.int_boxes)
 
     def usable_records(self, split: str) -> list[Record]:
-        """A split's records minus degenerate boxes (if drop_degenerate), read once per split."""
+        """A split's records minus degenerate boxes (if drop_degenerate), read once per split.
+
+        A split with no usable record is an error naming its file (an empty loader would fail later with
+        a message naming nothing).
+        """
         if split not in self._records:
-            self._records[split] = self._drop_degenerate(split, self.read_split(split))
+            records = self.read_split(split)
+            if not records:
+                raise SplitFileError(f"{self.split_file(split)}: split {split!r} has no records")
+            usable = self._drop_degenerate(split, records)
+            if not usable:
+                raise SplitFileError(
+                    f"{self.split_file(split)}: split {split!r}: all {len(records)} records have a zero or "
+                    "negative size box (data.reader.drop_degenerate=false keeps them)"
+                )
+            self._records[split] = usable
         return self._records[split]
+
+    def reading_problems(self) -> dict[str, dict[str, int]]:
+        """Records left out at reading, per split and reason (for results.json)."""
+        return {split: {"degenerate box": n} for split, n in self.dropped.items() if n}
 
     def _drop_degenerate(self, split: str, records: list[Record]) -> list[Record]:
         """Drop degenerate boxes when drop_degenerate is set, with a warning and a count in `dropped`."""
@@ -259,6 +280,10 @@ class GroundingDataModule(L.LightningDataModule):
             clip,
             self.max_query_len,
             phrase_permutation_seed,
+            source=str(self.split_file(split)),
+            bad_records=self.bad_records,
+            clip_boxes=self.mode == "clean",
+            exif_transpose=self.exif_transpose,
         )
         if self.cache_samples and not (train and self.augment.enabled):
             log.info("caching the %d samples of %s in memory", len(dataset), split)
@@ -305,8 +330,22 @@ class GroundingDataModule(L.LightningDataModule):
         return self.datasets[key]
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented loader over the train split."""
-        return self._loader(self._dataset(f"train:{self.train_split}", self.train_split, True), train=True)
+        """Shuffled, augmented loader over the train split; refuses a split too small for one batch."""
+        dataset = self._dataset(f"train:{self.train_split}", self.train_split, True)
+        self.check_one_batch(len(dataset))
+        return self._loader(dataset, train=True)
+
+    def check_one_batch(self, size: int) -> None:
+        """With drop_last, a process needs at least one full batch, or it trains on nothing and "succeeds"."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_process = -(-size // world)  # DistributedSampler pads every process to the same count
+        if self.drop_last and per_process < self.batch_size:
+            raise DataError(
+                f"{self.split_file(self.train_split)}: the train split has {size} usable records, "
+                f"{per_process} per process over {world}, fewer than one batch of {self.batch_size} with "
+                "data.drop_last=true: no training step would run. Lower data.batch_size or set "
+                "data.drop_last=false."
+            )
 
     def val_dataloader(self) -> DataLoader:
         """Loader over the val split (eval transform)."""

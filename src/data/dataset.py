@@ -10,24 +10,28 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from src.data.images import ImageReadError, load_image
+from src.data.problems import BadRecordError, check_policy
 from src.data.records import Record
 from src.data.tokenizers import Tokenizer
 from src.data.transforms import Transformed
 
 TransformFn = Callable[[Image.Image, Sequence[float], str], Transformed]
+Box = tuple[float, float, float, float]
 
 
-class ImageReadError(OSError):
-    """An image that cannot be opened or decoded; the message names the file and the record."""
+def clip_to_image(box: Sequence[float], size: tuple[int, int]) -> Box:
+    """A x1y1x2y2 box clipped to a width x height image."""
+    width, height = size
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
 
 
-def load_image(path: Path, where: str) -> Image.Image:
-    """Open an image as RGB, with an error naming the file and the record that needs it."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise ImageReadError(f"{where}: cannot read image {path}: {err}") from None
+def box_misses_image(box: Sequence[float], size: tuple[int, int]) -> bool:
+    """True when a box of positive size has no area inside the image (clipping leaves nothing)."""
+    x1, y1, x2, y2 = clip_to_image(box, size)
+    has_size = box[2] > box[0] and box[3] > box[1]
+    return has_size and (x2 <= x1 or y2 <= y1)
 
 
 def derangement(n: int, seed: int) -> list[int]:
@@ -46,6 +50,10 @@ class RecordDataset(Dataset):
 
     With phrase_permutation_seed set, every image is paired with the phrase of another record (a seeded
     derangement) while keeping its own box: accuracy on it measures how much a model relies on language.
+    A record whose image cannot be read or whose box lies entirely outside its image fails with an error
+    naming `source` and the record (`bad_records="fail"`), or becomes a `skipped` sample that `collate`
+    leaves out of its batch (`"skip"`). `clip_boxes` clips boxes to their image (clean mode; the official
+    loader does not); `exif_transpose` turns images upright by their EXIF orientation first.
     """
 
     def __init__(
@@ -57,6 +65,10 @@ class RecordDataset(Dataset):
         clip_tok: Tokenizer,
         max_query_len: int,
         phrase_permutation_seed: int | None = None,
+        source: str = "split",
+        bad_records: str = "fail",
+        clip_boxes: bool = True,
+        exif_transpose: bool = False,
     ) -> None:
         """Keep the records and helpers; draw the phrase permutation once if a seed is given."""
         self.records = list(records)
@@ -65,6 +77,8 @@ class RecordDataset(Dataset):
         self.bert_tok = bert_tok
         self.clip_tok = clip_tok
         self.max_query_len = max_query_len
+        self.source, self.bad_records = source, check_policy(bad_records)
+        self.clip_boxes, self.exif_transpose = clip_boxes, exif_transpose
         self.phrase_source = (
             derangement(len(self.records), phrase_permutation_seed)
             if phrase_permutation_seed is not None
@@ -80,11 +94,35 @@ class RecordDataset(Dataset):
         source = index if self.phrase_source is None else self.phrase_source[index]
         return self.records[source].phrase
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """Load, transform and tokenise one record."""
+    def where(self, index: int) -> str:
+        """`<split file>: record <i> (<image>, <phrase>)`, for messages."""
         record = self.records[index]
-        image = load_image(self.image_root / record.image, f"record {index} ({record.phrase!r})")
-        out = self.transform(image, record.box, self.phrase_of(index))
+        return f"{self.source}: record {index} ({record.image}, {record.phrase!r})"
+
+    def image_and_box(self, index: int) -> tuple[Image.Image, Box]:
+        """A record's RGB image and its box (clipped when set); BadRecordError when either is unusable."""
+        record = self.records[index]
+        try:
+            image = load_image(self.image_root / record.image, self.where(index), self.exif_transpose)
+        except ImageReadError as err:
+            raise BadRecordError(f"unreadable image: {err}") from None
+        if box_misses_image(record.box, image.size):
+            raise BadRecordError(
+                f"box outside the image: {self.where(index)}: box {record.box} lies outside the "
+                f"{image.width}x{image.height} image"
+            )
+        return image, clip_to_image(record.box, image.size) if self.clip_boxes else record.box
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Load, transform and tokenise one record (or describe why it was skipped, under "skip")."""
+        record = self.records[index]
+        try:
+            image, box = self.image_and_box(index)
+        except BadRecordError as err:
+            if self.bad_records == "fail":
+                raise
+            return {"skipped": (index, err.kind, str(err)), "image_file": record.image, "index": index}
+        out = self.transform(image, box, self.phrase_of(index))
         text_ids, text_mask = self.bert_tok([out.phrase], self.max_query_len)
         prior_ids, prior_mask = self.clip_tok([out.phrase], self.max_query_len)
         return {
@@ -126,9 +164,16 @@ _STACKED = ("image", "pixel_mask", "text_ids", "text_mask", "prior_ids", "prior_
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack per-sample dicts into the Batch of docs/CONTRACTS.md (plus `index`, a LongTensor)."""
-    batch: dict[str, Any] = {key: torch.stack([s[key] for s in samples]) for key in _STACKED}
-    batch["phrase"] = [s["phrase"] for s in samples]
-    batch["image_file"] = [s["image_file"] for s in samples]
-    batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
+    """Stack per-sample dicts into the Batch of docs/CONTRACTS.md (plus `index`, a LongTensor).
+
+    Skipped samples (see RecordDataset) stay out of the tensors; `skipped` lists their (index, kind,
+    message). A batch of skipped samples only has no `image` key.
+    """
+    kept = [s for s in samples if "skipped" not in s]
+    batch: dict[str, Any] = {"skipped": [s["skipped"] for s in samples if "skipped" in s]}
+    if kept:
+        batch |= {key: torch.stack([s[key] for s in kept]) for key in _STACKED}
+    batch["phrase"] = [s["phrase"] for s in kept]
+    batch["image_file"] = [s["image_file"] for s in kept]
+    batch["index"] = torch.tensor([s["index"] for s in kept], dtype=torch.long)
     return batch

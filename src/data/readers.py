@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from src.data.benchmarks import BOX_FORMATS
+from src.data.problems import DataError
 from src.data.records import Record
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ SPLIT_FILE_GLOBALS: list[Any] = [
 _GLOBAL_IN_ERROR = (re.compile(r"GLOBAL ([\w.]+)"), re.compile(r"but got <class '([^']+)'>"))
 
 
-class SplitFileError(ValueError):
+class SplitFileError(DataError):
     """A split file that cannot be read: unsafe, corrupt or malformed. The message names the file."""
 
 
