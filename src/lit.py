@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import random
 from collections.abc import Callable, Sequence
@@ -72,6 +73,7 @@ class GroundingModule(L.LightningModule):
         group_lr: dict[str, float] | None = None,
         loss: GroundingLoss | None = None,
         config: dict[str, Any] | None = None,
+        eval_fp32: bool = False,
     ) -> None:
         super().__init__()
         # No save_hyperparameters: checkpoints carry the resolved run config as plain data instead, so
@@ -91,6 +93,12 @@ class GroundingModule(L.LightningModule):
         self.test_split_names: list[str] = ["test"]
         self.test_metrics = nn.ModuleList()
         self.skipped = SkippedRecords()  # records left out of their batch under data.bad_records=skip
+        self.eval_fp32 = eval_fp32  # validation and test without autocast (the official evaluation is fp32)
+
+    def evaluate(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Predicted boxes for an evaluation batch, in fp32 without autocast when eval_fp32 is set."""
+        with torch.autocast(self.device.type, enabled=False) if self.eval_fp32 else contextlib.nullcontext():
+            return self(batch).boxes
 
     def _has_samples(self, stage: str, batch: dict[str, Any]) -> bool:
         """Count the batch's skipped records (data.bad_records=skip); False when none of its samples is left."""
@@ -101,6 +109,12 @@ class GroundingModule(L.LightningModule):
     def forward(self, batch: dict[str, Any], return_features: bool = False) -> GrounderOutput:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         return self.model(**inputs, return_features=return_features)
+
+    def on_train_epoch_start(self) -> None:
+        """Put the grounder in training mode through its own train(): frozen backbones then run without
+        dropout (clean mode). Lightning 2 never calls train() itself; it only restores, after each
+        validation, the per-module modes it captured before it."""
+        self.model.train()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if not self._has_samples("train", batch):  # every sample skipped: no step (under DDP a zero step,
@@ -135,7 +149,7 @@ class GroundingModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if not self._has_samples("val", batch):
             return
-        pred = self(batch).boxes
+        pred = self.evaluate(batch)
         self.log("val/loss", self.loss(pred, batch["box"])["loss"], batch_size=len(pred), sync_dist=True)
         self.val_metric.update(pred, batch["box"])
 
@@ -155,7 +169,7 @@ class GroundingModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self._has_samples(f"test/{self.test_split_names[dataloader_idx]}", batch):
             return
-        self.test_metrics[dataloader_idx].update(self(batch).boxes, batch["box"])
+        self.test_metrics[dataloader_idx].update(self.evaluate(batch), batch["box"])
 
     def on_test_epoch_end(self) -> None:
         for name, metric in zip(self.test_split_names, self.test_metrics, strict=True):

@@ -51,6 +51,7 @@ def build_module(cfg: DictConfig) -> GroundingModule:
         group_lr=dict(optim.get("group_lr") or {}),
         loss=instantiate(cfg.loss) if cfg.get("loss") else None,
         config=resolved(cfg),
+        eval_fp32=bool(cfg.get("eval_fp32", False)),
     )
 
 
@@ -130,11 +131,34 @@ def plain(node: DictConfig) -> dict:
     return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "init_checkpoint"}
 
 
+# Precisions that cast the weights themselves: the box head, loss and metric are fp32 by design.
+REFUSED_PRECISIONS = ("bf16-true", "16-true", "bf16", "16", "half")
+
+
+def trainer_settings(cfg: DictConfig) -> dict:
+    """Trainer overrides the model decides: official mode under DDP allows unused parameters.
+
+    The official model keeps a dead DyPA projection (trainable, never used, counted by the paper), and
+    plain `ddp` stops at the first backward on a parameter without a gradient; every other method uses
+    all its trainable parameters (tests/test_distributed.py), so plain `ddp` keeps its cheaper path.
+    """
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if precision in REFUSED_PRECISIONS:
+        raise ValueError(
+            f"trainer.precision={precision} is not supported: it casts every weight, but the box head, "
+            "loss and metrics run in fp32. Use bf16-mixed (or 16-mixed) instead."
+        )
+    if cfg.trainer.get("strategy") == "ddp" and cfg.model.get("mode") == "official":
+        log.info("official mode under DDP: strategy ddp_find_unused_parameters_true (the dead DyPA projection)")
+        return {"strategy": "ddp_find_unused_parameters_true"}
+    return {}
+
+
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     """The Lightning Trainer with the configured callbacks and loggers."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_settings(cfg))
 
 
 def evaluate_splits(trainer: L.Trainer, module: GroundingModule, loaders: list, names: list[str], ckpt: str | None):
@@ -205,6 +229,7 @@ def run(cfg: DictConfig) -> float | None:
 
     splits, shuffled = {}, {}
     if cfg.test:
+        datamodule.trainer = trainer  # its loaders then split the samples exactly over the processes
         datamodule.setup("test")
         names = list(datamodule.test_split_names)
         splits = evaluate_splits(trainer, module, datamodule.test_dataloader(), names, best_ckpt)

@@ -15,6 +15,7 @@ from src.models.peft.bottleneck import Adapter, AdaptFormer
 from src.models.peft.library import LibraryPeft
 from src.models.peft.mapper import DyPA, Mapper
 from tests.conftest import TINY_MODEL
+from tests.test_checkpoints import module_for
 from tests.test_model import inputs
 
 HEAD = ("visu_proj.", "text_proj.", "reg_token.", "pos_embed.", "fusion.", "head.")
@@ -133,7 +134,23 @@ def test_lora_dropout_keeps_training_mode_while_frozen_backbone_dropout_is_off()
     model = tiny_with("lora", "peft.settings.lora_dropout=0.1").train()
     lora_dropouts = [m for n, m in model.named_modules() if ".lora_dropout." in n]
     assert lora_dropouts and all(m.training for m in lora_dropouts)
-    assert all(not m.training for m, _ in model.backbone_dropouts)
+    assert all(not m.training for m, _ in model.backbone_modules)
+    # attention dropout follows the attention module's own flag (HF BERT, timm): off in the frozen BERT
+    assert all(not layer.attention.self.training for layer in model.text.layers)
+
+
+def test_every_training_epoch_starts_with_the_grounders_own_train_mode():
+    module = module_for("lora")  # as built: every module in training mode, frozen backbones included
+    assert any(m.training for m, _ in module.model.backbone_modules)
+    module.on_train_epoch_start()  # Lightning 2 never calls train() itself
+    assert module.model.training and not any(m.training for m, _ in module.model.backbone_modules)
+
+
+def test_frozen_backbone_attention_dropout_is_off_in_clean_mode_and_on_in_official():
+    for mode, expected in (("clean", False), ("official", True)):
+        model = tiny_with("lora", mode=mode).train()
+        attention = [m for n, m in model.named_modules() if n.startswith("text.") and n.endswith("attention.self")]
+        assert attention and all(m.training is expected for m in attention), mode
 
 
 def test_bottleneck_placements():

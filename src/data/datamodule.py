@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from src.config import checked_fields
 from src.data.benchmarks import BOX_FORMATS, BenchmarkSpec, get_benchmark
@@ -83,6 +85,7 @@ class GroundingDataModule(L.LightningDataModule):
         cache_samples: bool = False,
         bad_records: str = "fail",
         exif_transpose: bool = False,
+        shuffle: bool = True,
     ) -> None:
         """Store the settings; nothing is read until prepare_data/setup."""
         super().__init__()
@@ -102,6 +105,7 @@ class GroundingDataModule(L.LightningDataModule):
         self.drop_last, self.pin_memory, self.shuffle_text_seed = drop_last, pin_memory, shuffle_text_seed
         self.cache_samples = cache_samples
         self.bad_records, self.exif_transpose = check_policy(bad_records), exif_transpose
+        self.shuffle = shuffle
         self._split_root, self._image_root, self._data_root = split_root, image_root, data_root
         self._synthetic_root: Path | None = None
         self._tokenizers: tuple[Any, Any] | None = None
@@ -306,16 +310,46 @@ class GroundingDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------ loaders
 
+    @property
+    def world_size(self) -> int:
+        """Processes of the attached Trainer (1 when none is attached)."""
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def eval_sampler(self, dataset: Dataset) -> Sampler | None:
+        """Under several processes, each evaluation sample goes to exactly one of them.
+
+        Lightning would otherwise use a DistributedSampler, which pads every process to the same count
+        by repeating samples: Acc@0.5, mean IoU and n would count up to world_size - 1 samples twice.
+        The metric's states are summed over processes, so the unequal shares add up exactly.
+        """
+        if self.world_size == 1:
+            return None
+        return UnrepeatedDistributedSampler(
+            dataset, num_replicas=self.world_size, rank=self.trainer.global_rank, shuffle=False
+        )
+
+    def train_sampler(self, dataset: Dataset) -> Sampler | None:
+        """Under several processes, a DistributedSampler that honours `shuffle` (Lightning's own always
+        shuffles the train split), seeded as Lightning seeds its own (PL_GLOBAL_SEED)."""
+        if self.world_size == 1:
+            return None
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return DistributedSampler(
+            dataset, num_replicas=self.world_size, rank=self.trainer.global_rank, shuffle=self.shuffle, seed=seed
+        )
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         """A DataLoader with the Batch collate; shuffled and dropping the last partial batch when training.
 
         Cached datasets are served without worker processes: nothing is left for them to compute.
         """
         workers = 0 if isinstance(dataset, CachedSamples) else self.num_workers
+        sampler = self.train_sampler(dataset) if train else self.eval_sampler(dataset)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train and self.shuffle and sampler is None,
+            sampler=sampler,
             drop_last=train and self.drop_last,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -337,7 +371,7 @@ class GroundingDataModule(L.LightningDataModule):
 
     def check_one_batch(self, size: int) -> None:
         """With drop_last, a process needs at least one full batch, or it trains on nothing and "succeeds"."""
-        world = self.trainer.world_size if self.trainer is not None else 1
+        world = self.world_size
         per_process = -(-size // world)  # DistributedSampler pads every process to the same count
         if self.drop_last and per_process < self.batch_size:
             raise DataError(

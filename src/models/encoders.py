@@ -126,9 +126,11 @@ class ZeroTokenType(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dim = dim
+        # follows the module's dtype (model.to(torch.bfloat16) included), so the zeros match the embeddings
+        self.register_buffer("dtype_probe", torch.zeros(()), persistent=False)
 
     def forward(self, token_type_ids: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(*token_type_ids.shape, self.dim, device=token_type_ids.device)
+        return torch.zeros(*token_type_ids.shape, self.dim, device=token_type_ids.device, dtype=self.dtype_probe.dtype)
 
 
 class TextEncoder(nn.Module):

@@ -50,7 +50,11 @@ class FusionEncoder(nn.Module):
 
 
 class BoxHead(nn.Module):
-    """Three-layer MLP (ReLU between) from the [REG] state to a sigmoid (cx, cy, w, h) box."""
+    """Three-layer MLP (ReLU between) from the [REG] state to a sigmoid (cx, cy, w, h) box.
+
+    Always computed in fp32, outside any autocast: under bf16 a box in [0, 1] has a resolution of about
+    2 px at 518, too coarse for the IoU that Acc@0.5 and the loss are computed on.
+    """
 
     def __init__(self, dim: int, hidden: int | None = None) -> None:
         super().__init__()
@@ -58,6 +62,8 @@ class BoxHead(nn.Module):
         self.layers = nn.ModuleList([nn.Linear(dim, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 4)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x.sigmoid()
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            for i, layer in enumerate(self.layers):
+                x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+            return x.sigmoid()

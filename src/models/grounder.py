@@ -75,9 +75,9 @@ class Grounder(nn.Module):
         self.head = BoxHead(d)
         self.tunable_backbone_names: list[str] = []
         self.backbones_frozen = True
-        # The backbones' own dropout modules, and whether each is in the text encoder (not those a PEFT
-        # method brings, e.g. LoRA's: they keep training mode). Held as objects: injection renames modules.
-        self.backbone_dropouts: list[tuple[nn.Dropout, bool]] = []
+        # The backbones' own modules, and whether each is in the text encoder (not those a PEFT method
+        # brings, e.g. LoRA's: they keep training mode). Held as objects: injection renames modules.
+        self.backbone_modules: list[tuple[nn.Module, bool]] = []
         # The backbone architectures this model was built from (for the parameter report).
         self.reference: BackboneReference | None = None
 
@@ -96,9 +96,8 @@ class Grounder(nn.Module):
         for backbone in (self.vision, self.text, self.prior):
             if backbone is not None:
                 backbone.requires_grad_(False)
-        self.backbone_dropouts = [
-            (m, n.startswith("text.")) for n, m in self.named_modules()
-            if isinstance(m, nn.Dropout) and n.startswith(("vision.", "text.", "prior."))
+        self.backbone_modules = [
+            (m, n.startswith("text.")) for n, m in self.named_modules() if n.startswith(("vision.", "text.", "prior."))
         ]
         tunable = method.inject(self)
         self.backbones_frozen = method.freezes_backbones
@@ -107,12 +106,15 @@ class Grounder(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> Grounder:
-        """Frozen backbones run without dropout in clean mode (the official code keeps BERT's on)."""
+        """Frozen backbones run in eval mode in clean mode: no dropout of any kind, attention dropout
+        included, which BERT and timm apply by their attention module's own `training` flag, not by a
+        Dropout module (the official code keeps BERT in training mode). Each backbone module is switched
+        by itself, so that the modules a PEFT method injected into it keep training mode."""
         super().train(mode)
         if mode and self.backbones_frozen:
             frozen_text_dropout = self.quirks.frozen_text_dropout
-            for module, in_text in self.backbone_dropouts:
-                module.train(in_text and frozen_text_dropout)
+            for module, in_text in self.backbone_modules:
+                module.training = in_text and frozen_text_dropout
         return self
 
     def patch_padding(self, pixel_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,178 @@
+"""DDP and mixed precision, tested on CPU: exact distributed evaluation, 2-process training equivalence,
+official mode under DDP, every method's gradients, a bf16 training step, and the refused precisions.
+
+The multi-process tests run `python -m src.run` in a subprocess with `trainer.strategy=ddp
+trainer.devices=2 trainer.accelerator=cpu` (gloo): Lightning's `ddp` re-launches the command for rank 1,
+which cannot happen inside pytest itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from src.checkpoints import read_checkpoint, trainable_state
+from src.config import compose
+from src.run import build_seeded_module, trainer_settings
+from tests.test_checkpoints import METHODS, module_for, save
+from tests.test_datamodule import make_referit_root
+from tests.test_model import inputs
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BOX = torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.5]])
+ABLATIONS = ["mapper_no_loca", "mapper_no_dypa", "mapper_no_pgt", "mapper_no_prior"]
+
+
+def one_step_grads(module) -> dict[str, torch.Tensor | None]:
+    """Gradients of every trainable parameter after one training forward and backward."""
+    module.model.train()
+    batch = inputs()
+    loss = module.loss(module(batch).boxes, BOX.repeat(len(batch["image"]) // 2, 1))["loss"]
+    loss.backward()
+    return {n: p.grad for n, p in module.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("peft", sorted(set(METHODS) - {"frozen"} | {"loha", "lokr", *ABLATIONS}))
+def test_every_trainable_parameter_gets_a_gradient_so_plain_ddp_works(peft: str) -> None:
+    grads = one_step_grads(module_for(peft, *(["peft.rank=4"] if peft.startswith("mapper_") else [])))
+    unused = [n for n, g in grads.items() if g is None]
+    assert grads and not unused, f"{peft}: plain DDP would stop at the first backward: {unused[:5]}"
+
+
+def test_official_mode_has_exactly_the_dead_projection_unused_and_gets_find_unused() -> None:
+    grads = one_step_grads(module_for("mapper", "model.mode=official"))
+    unused = sorted(n for n, g in grads.items() if g is None)
+    assert unused and all(".unused_prior_down." in n for n in unused), unused  # its clip_down_proj
+    cfg = compose(["model.mode=official", "trainer=ddp"])
+    assert trainer_settings(cfg) == {"strategy": "ddp_find_unused_parameters_true"}
+    assert trainer_settings(compose(["trainer=ddp"])) == {}
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_precisions_that_cast_every_weight_are_refused_clearly(precision: str) -> None:
+    with pytest.raises(ValueError, match=f"trainer.precision={precision} is not supported.*bf16-mixed"):
+        trainer_settings(compose([f"trainer.precision={precision}"]))
+
+
+@pytest.mark.parametrize("peft", ["mapper", "lora"])
+def test_bf16_training_step_is_finite_close_to_fp32_with_fp32_boxes(peft: str) -> None:
+    module = module_for(peft, *(["peft.rank=4"] if peft == "mapper" else []))
+    module.model.train()
+    batch, target = inputs(), BOX.repeat(len(inputs()["image"]) // 2, 1)
+    results = {}
+    for name, enabled in (("fp32", False), ("bf16", True)):
+        module.model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            boxes = module(batch).boxes
+            losses = module.loss(boxes, target)
+        losses["loss"].backward()
+        grad = torch.cat([p.grad.flatten() for p in module.model.parameters() if p.grad is not None])
+        results[name] = (boxes, losses["loss"].detach(), grad)
+    boxes, loss, grad = results["bf16"]
+    assert boxes.dtype == torch.float32 and loss.dtype == torch.float32
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert (boxes - results["fp32"][0]).abs().max() < 0.02
+    assert abs(float(loss - results["fp32"][1])) < 0.02 * float(results["fp32"][1])
+    assert torch.nn.functional.cosine_similarity(grad, results["fp32"][2], dim=0) > 0.99
+
+
+def test_eval_fp32_disables_autocast_in_evaluation() -> None:
+    module = module_for("lora")
+    module.eval_fp32 = True
+    module.model.eval()
+    with torch.no_grad():
+        reference = module(inputs()).boxes
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(module.evaluate(inputs()), reference)
+            module.eval_fp32 = False
+            assert not torch.equal(module.evaluate(inputs()), reference)
+
+
+# ------------------------------------------------------------------------------- 2 processes (gloo)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def src_run(out: Path, *overrides: str, devices: int = 1) -> dict:
+    """`python -m src.run` in a subprocess on CPU with `devices` processes; returns its results.json."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1"}
+    ddp = ["trainer.strategy=ddp", f"trainer.devices={devices}"] if devices > 1 else ["trainer.devices=1"]
+    cmd = [sys.executable, "-m", "src.run", "trainer.accelerator=cpu", *ddp, f"paths.output_dir={out}",
+           "logger=csv", "visualize=0", "callbacks.progress_bar=null", *overrides]
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def referit_data(root: Path) -> list[str]:
+    return ["data=referit", f"data.split_root={root / 'splits'}", f"data.image_root={root / 'images'}",
+            "data.test_splits=[val,test]", "data.num_workers=0", "data.augment.enabled=false",
+            "vision_pretraining=null", "text_pretraining=null"]
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_every_sample_exactly_once(tmp_path: Path) -> None:
+    root = make_referit_root(tmp_path / "data", {"train": 2, "val": 5, "test": 7})  # odd sizes
+    cfg = compose(["peft=lora", "vision_pretraining=null", "text_pretraining=null", "paths.output_dir=unused"])
+    checkpoint = save(build_seeded_module(cfg), tmp_path / "lora.ckpt")
+    evaluate = [*referit_data(root), "train=false", f"ckpt_path={checkpoint}", "data.batch_size=2",
+                "shuffled_text_check=true"]
+    one = src_run(tmp_path / "one", *evaluate)
+    two = src_run(tmp_path / "two", *evaluate, devices=2)
+    for split, n in (("val", 5), ("test", 7)):
+        assert one["splits"][split]["n"] == two["splits"][split]["n"] == n
+        assert two["splits"][split]["acc50"] == one["splits"][split]["acc50"]
+        assert two["splits"][split]["miou"] == pytest.approx(one["splits"][split]["miou"], abs=1e-6)
+        assert two["shuffled_text"][split]["acc50"] == one["shuffled_text"][split]["acc50"]
+
+
+@pytest.mark.slow
+def test_two_process_training_matches_one_process_at_the_same_global_batch(tmp_path: Path) -> None:
+    root = make_referit_root(tmp_path / "data", {"train": 16, "val": 3, "test": 1})
+    # File order (no shuffle): process r of 2 takes records r, r+2, ..., so each global step of 2 x 4
+    # sees the same 8 records as one process's batch of 8. LoRA has no BatchNorm and no dropout is
+    # active (frozen backbones run in eval mode). Plain SGD, so that the weights differ exactly as
+    # much as the gradients do (Adam's first steps are sign-like and would magnify rounding noise).
+    train = [*referit_data(root), "peft=lora", "data.shuffle=false", "trainer.max_epochs=1", "test=false",
+             "shuffled_text_check=false", "optim.optimizer._target_=torch.optim.SGD", "optim.optimizer.lr=0.5",
+             "~optim.optimizer.weight_decay", "optim.scheduler=null"]
+    src_run(tmp_path / "one", *train, "data.batch_size=8")
+    src_run(tmp_path / "two", *train, "data.batch_size=4", devices=2)
+    one, _, _ = read_checkpoint(tmp_path / "one" / "checkpoints" / "last.ckpt")
+    two, _, _ = read_checkpoint(tmp_path / "two" / "checkpoints" / "last.ckpt")
+    cfg = compose(["peft=lora", "vision_pretraining=null", "text_pretraining=null", "paths.output_dir=unused"])
+    start = trainable_state(build_seeded_module(cfg).model)
+    assert one.keys() == two.keys() == start.keys()
+    moved = max((one[k] - start[k]).abs().max().item() for k in one)
+    differ = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert moved > 0.1 and differ < 1e-5, f"moved {moved}, 1 vs 2 processes differ by {differ}"
+
+
+@pytest.mark.slow
+def test_official_mode_trains_under_plain_ddp_config(tmp_path: Path) -> None:
+    root = make_referit_root(tmp_path / "data", {"train": 8, "val": 3, "test": 3})
+    results = src_run(tmp_path / "run", *referit_data(root), "model.mode=official", "trainer=ddp",
+                      "trainer.precision=32-true", "data.batch_size=2", "trainer.max_epochs=1",
+                      "+trainer.limit_train_batches=2", "shuffled_text_check=false", devices=2)
+    assert results["status"] == "ok" and results["config"]["model"]["mode"] == "official"
+    assert results["splits"]["test"]["n"] == 3
+
+
+def test_ddp_trainer_configs_compose() -> None:
+    for trainer in ("cpu", "gpu", "ddp"):
+        cfg = compose([f"trainer={trainer}"])
+        with open_dict(cfg):
+            assert cfg.trainer.devices is not None
