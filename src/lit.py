@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
+from torchmetrics import MeanMetric
 
 from src.checkpoints import (
     CHECKPOINT_FORMAT,
@@ -90,6 +91,8 @@ class GroundingModule(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.group_lr = dict(group_lr or {})
         self.val_metric = GroundingAccuracy()
+        # sample-weighted, summed over processes: exact under DDP's unequal per-process shares
+        self.val_loss = MeanMetric()
         self.test_split_names: list[str] = ["test"]
         self.test_metrics = nn.ModuleList()
         self.skipped = SkippedRecords()  # records left out of their batch under data.bad_records=skip
@@ -150,10 +153,12 @@ class GroundingModule(L.LightningModule):
         if not self._has_samples("val", batch):
             return
         pred = self.evaluate(batch)
-        self.log("val/loss", self.loss(pred, batch["box"])["loss"], batch_size=len(pred), sync_dist=True)
+        self.val_loss.update(self.loss(pred, batch["box"])["loss"], weight=len(pred))
         self.val_metric.update(pred, batch["box"])
 
     def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute())
+        self.val_loss.reset()
         scores = self.val_metric.compute()
         self.log("val/acc50", scores["acc50"], prog_bar=True)
         self.log("val/miou", scores["miou"])

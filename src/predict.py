@@ -29,6 +29,7 @@ from omegaconf import open_dict
 from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
+from src.backbone_pretraining import apply_backbone_pretraining
 from src.checkpoints import load_into, read_checkpoint
 from src.config import compose
 from src.data.benchmarks import BOX_FORMATS
@@ -37,7 +38,7 @@ from src.data.problems import BadRecordError, check_policy
 from src.data.readers import SplitFileError, jsonl_header_format, jsonl_objects, to_xyxy
 from src.data.transforms import CanvasMeta, EvalTransform
 from src.lit import GroundingModule
-from src.run import adopt_checkpoint_model, apply_backbone_pretraining, build_seeded_module
+from src.run import adopt_checkpoint_model, build_seeded_module
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import partial
 from pathlib import Path
 
 import hydra
@@ -21,14 +20,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
+from src.backbone_pretraining import apply_backbone_pretraining
 from src.checkpoints import load_into, read_checkpoint
 from src.data.problems import DataError
 from src.lit import GroundingModule, NonFiniteError
-from src.models.encoders import PriorSettings, TextSettings
 from src.params import format_report, parameter_report
-from src.pretrain_text import TextPretraining, bert_tower, clip_tower, ensure_pretrained_text
-from src.pretrain_vision import VisionPretraining, ensure_pretrained_vit
-from src.quirks import ModelQuirks
 from src.report import prediction_grid, print_table, split_metrics, write_results
 from src.results import append_result, hydra_choices, in_multirun, reset_peak_memory, result_row, results_file
 from src.resume import find_last_checkpoint
@@ -88,47 +84,6 @@ def adopt_checkpoint_model(cfg: DictConfig, stored: dict) -> None:
             if key in stored:
                 cfg[key] = stored[key]
     log.info("model, peft and seed taken from the checkpoint (%s)", cfg.peft.get("_target_"))
-
-
-def apply_backbone_pretraining(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
-    """Run (or reuse) the cached synthetic pretraining of random-init backbones and point the model at it.
-
-    Both stages train on a separate synthetic corpus (`pretraining_corpus`): the ViT on its scenes
-    (`vision_pretraining`), BERT and the CLIP prior on its expressions (`text_pretraining`). Only
-    meaningful for randomly initialised backbones on the synthetic benchmark; skipped otherwise.
-    """
-    vision_stage, text_stage = cfg.get("vision_pretraining"), cfg.get("text_pretraining")
-    if not (vision_stage or text_stage):
-        return
-    if cfg.model.pretrained or getattr(datamodule, "spec", None) is None or datamodule.spec.key != "synthetic":
-        log.info("backbone pretraining skipped: it is for random-init backbones on the synthetic benchmark")
-        return
-    corpus = datamodule.synthetic_corpus(**cfg.pretraining_corpus)
-    model, cache = cfg.model, Path(cfg.paths.cache_dir)
-    quirks = ModelQuirks.for_mode(model.mode)
-    paths: dict[str, Path] = {}
-    if vision_stage:
-        paths["vision"] = ensure_pretrained_vit(
-            corpus, plain(model.vision), model.image_size, VisionPretraining(**vision_stage), cache,
-            drop_registers=quirks.drop_vision_registers,
-        )
-    if text_stage:
-        bert_tok, clip_tok = datamodule.tokenizers()
-        text, prior = TextSettings(**plain(model.text)), PriorSettings(**plain(model.prior))
-        bert = partial(bert_tower, text, token_type=not quirks.bert_without_token_type)
-        stage = TextPretraining(**text_stage)
-        paths["text"] = ensure_pretrained_text(corpus, "bert", text.config, bert, bert_tok, model.max_query_len,
-                                               stage, cache)
-        paths["prior"] = ensure_pretrained_text(corpus, "clip", prior.config, partial(clip_tower, prior), clip_tok,
-                                                model.max_query_len, stage, cache)
-    with open_dict(cfg):
-        for part, path in paths.items():
-            cfg.model[part].init_checkpoint = str(path)
-
-
-def plain(node: DictConfig) -> dict:
-    """A config node as a plain dict without its `init_checkpoint` (which pretraining itself sets)."""
-    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "init_checkpoint"}
 
 
 # Precisions that cast the weights themselves: the box head, loss and metric are fp32 by design.

@@ -8,6 +8,7 @@ which cannot happen inside pytest itself.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -159,6 +160,11 @@ def test_two_process_training_matches_one_process_at_the_same_global_batch(tmp_p
     moved = max((one[k] - start[k]).abs().max().item() for k in one)
     differ = max((one[k] - two[k]).abs().max().item() for k in one)
     assert moved > 0.1 and differ < 1e-5, f"moved {moved}, 1 vs 2 processes differ by {differ}"
+    # validation (3 records: 2 on one process, 1 on the other) is exact too, the loss included
+    val = [[row for row in csv.DictReader((tmp_path / r / "csv" / "metrics.csv").open()) if row["val/loss"]][-1]
+           for r in ("one", "two")]
+    for key in ("val/loss", "val/acc50", "val/miou"):
+        assert float(val[0][key]) == pytest.approx(float(val[1][key]), abs=1e-5), key
 
 
 @pytest.mark.slow
@@ -176,3 +182,28 @@ def test_ddp_trainer_configs_compose() -> None:
         cfg = compose([f"trainer={trainer}"])
         with open_dict(cfg):
             assert cfg.trainer.devices is not None
+
+
+def _build_with_a_count(cache: str, marker: str) -> str:
+    """One of several processes asking for the same cache entry; each build leaves a line in `marker`."""
+    import time
+
+    from src.weights_cache import cached_state_dict
+
+    def train() -> dict[str, torch.Tensor]:
+        with open(marker, "a") as f:
+            f.write("built\n")
+        time.sleep(0.5)
+        return {"w": torch.ones(2)}
+
+    return str(cached_state_dict(Path(cache), "probe", {"k": 1}, train))
+
+
+def test_concurrent_processes_build_a_cache_entry_once(tmp_path: Path) -> None:
+    import multiprocessing
+
+    marker = tmp_path / "builds.txt"
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        paths = pool.starmap(_build_with_a_count, [(str(tmp_path / "cache"), str(marker))] * 3)
+    assert len(set(paths)) == 1 and Path(paths[0]).is_file()
+    assert marker.read_text().count("built") == 1

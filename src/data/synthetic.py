@@ -70,6 +70,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from src.weights_cache import exclusive
+
 __all__ = [
     "BACKGROUNDS",
     "COLOURS",
@@ -659,7 +661,16 @@ def ensure_synthetic(cache_dir: str | Path, **settings: Any) -> Path:
     final = cache_dir / f"synthetic-{settings_hash(st)}"
     if final.is_dir():
         return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(final):  # one process generates, concurrent ones (DDP ranks, sweep jobs) wait
+        if final.is_dir():
+            return final
+        _generate(st, final)
+    return final
+
+
+def _generate(st: SyntheticSettings, final: Path) -> None:
+    """Write the benchmark into a temporary sibling of `final` and rename it into place."""
+    cache_dir = final.parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
     try:
         (tmp / "images").mkdir()
@@ -677,7 +688,6 @@ def ensure_synthetic(cache_dir: str | Path, **settings: Any) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 # --------------------------------------------------------------------------------------------------
