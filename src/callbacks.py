@@ -1,4 +1,5 @@
-"""Training callbacks of the suite: the `last` checkpoint that makes any run resumable after a kill."""
+"""Training callbacks of the suite: the `last` checkpoint that makes any run resumable after a kill, and
+the W&B table of validation predictions."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+
+from src.metrics import canvas_iou
+from src.report import canvas_with_boxes
 
 
 class LastCheckpoint(Callback):
@@ -42,3 +47,46 @@ class LastCheckpoint(Callback):
         if trainer.is_global_zero:
             os.replace(partial, self.path)
         trainer.strategy.barrier("last_checkpoint")
+
+
+class WandbPredictionTable(Callback):
+    """At every validation, a `wandb.Table` (key `val/predictions`) of the first `max_samples` samples:
+    the canvas with ground-truth (green) and predicted (red) boxes, the phrase, the IoU and the hit.
+
+    Does nothing without a WandbLogger; on several processes, rank 0 logs the samples of its share.
+    """
+
+    COLUMNS = ["image", "phrase", "iou", "hit", "image_file"]
+
+    def __init__(self, max_samples: int = 32, tile: int = 224) -> None:
+        self.max_samples, self.tile = max_samples, tile
+        self.rows: list[list[Any]] = []
+
+    @staticmethod
+    def wandb_logger(trainer: L.Trainer) -> WandbLogger | None:
+        return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows = []
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *args: Any
+    ) -> None:
+        if outputs is None or len(self.rows) >= self.max_samples or not trainer.is_global_zero:
+            return
+        if self.wandb_logger(trainer) is None:
+            return
+        import wandb
+
+        pred, gt = outputs.detach().float().cpu(), batch["box"].float().cpu()
+        iou = canvas_iou(pred, gt)
+        for i in range(min(len(pred), self.max_samples - len(self.rows))):
+            image = canvas_with_boxes(batch["image"][i], gt[i], pred[i], self.tile)
+            self.rows.append([wandb.Image(image), batch["phrase"][i], round(float(iou[i]), 4),
+                              bool(iou[i] >= 0.5), batch["image_file"][i]])
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logger = self.wandb_logger(trainer)
+        if logger is None or not self.rows or not trainer.is_global_zero:
+            return
+        logger.log_table("val/predictions", columns=self.COLUMNS, data=self.rows, step=trainer.global_step)

@@ -149,12 +149,14 @@ class GroundingModule(L.LightningModule):
             f"loss terms {terms}; batch images: {shown or 'unknown'}"
         )
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        """Update the validation loss and metric; the predicted boxes go to callbacks (the W&B table)."""
         if not self._has_samples("val", batch):
-            return
+            return None
         pred = self.evaluate(batch)
         self.val_loss.update(self.loss(pred, batch["box"])["loss"], weight=len(pred))
         self.val_metric.update(pred, batch["box"])
+        return pred
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute())

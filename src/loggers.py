@@ -27,3 +27,12 @@ def wandb_logger(save_dir: str, **kwargs: Any) -> WandbLogger:
     """A W&B logger writing under the run folder, online only when W&B is configured."""
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(save_dir=save_dir, mode=wandb_mode(), **kwargs)
+
+
+def finish_wandb() -> None:
+    """Close the process's W&B run, if any: its files are complete on disk, and the next run of a sweep
+    in the same process gets a run of its own (Lightning's WandbLogger would otherwise reuse this one)."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()

@@ -52,6 +52,16 @@ def denormalise(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
+def canvas_with_boxes(image: torch.Tensor, gt: torch.Tensor, pred: torch.Tensor, tile: int) -> Image.Image:
+    """One canvas resized to `tile` px with its ground-truth (green) and predicted (red) cxcywh boxes."""
+    canvas = denormalise(image).resize((tile, tile), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(canvas)
+    for box, colour in ((gt, (0, 200, 0)), (pred, (230, 0, 0))):
+        cx, cy, w, h = (box.float() * tile).tolist()
+        draw.rectangle([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], outline=colour, width=2)
+    return canvas
+
+
 def prediction_grid(
     images: torch.Tensor, gt: torch.Tensor, pred: torch.Tensor, phrases: Sequence[str], columns: int = 4,
     tile: int = 192,
@@ -62,11 +72,7 @@ def prediction_grid(
     caption = 28
     sheet = Image.new("RGB", (columns * tile, rows * (tile + caption)), "white")
     for i in range(n):
-        canvas = denormalise(images[i]).resize((tile, tile), Image.Resampling.BILINEAR)
-        draw = ImageDraw.Draw(canvas)
-        for box, colour in ((gt[i], (0, 200, 0)), (pred[i], (230, 0, 0))):
-            cx, cy, w, h = (box.float() * tile).tolist()
-            draw.rectangle([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], outline=colour, width=2)
+        canvas = canvas_with_boxes(images[i], gt[i], pred[i], tile)
         x, y = (i % columns) * tile, (i // columns) * (tile + caption)
         sheet.paste(canvas, (x, y))
         text = phrases[i] if len(phrases[i]) <= 34 else phrases[i][:33] + "…"

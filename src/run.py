@@ -24,6 +24,7 @@ from src.backbone_pretraining import apply_backbone_pretraining
 from src.checkpoints import load_into, read_checkpoint
 from src.data.problems import DataError
 from src.lit import GroundingModule, NonFiniteError
+from src.loggers import finish_wandb
 from src.params import format_report, parameter_report
 from src.report import prediction_grid, print_table, split_metrics, write_results
 from src.results import append_result, hydra_choices, in_multirun, reset_peak_memory, result_row, results_file
@@ -146,6 +147,14 @@ def draw_predictions(module: GroundingModule, loader, count: int, path: Path) ->
 
 def run(cfg: DictConfig) -> float | None:
     """Train, test and report as configured; returns the best val/acc50 (None when not training)."""
+    try:
+        return train_and_test(cfg)
+    finally:
+        finish_wandb()
+
+
+def train_and_test(cfg: DictConfig) -> float | None:
+    """The body of `run`: everything but closing the W&B run."""
     start = time.perf_counter()
     reset_peak_memory()
     if cfg.get("ckpt_path") == "last":  # continue that run, in its own folder (best-checkpoint tracking included)
@@ -168,6 +177,8 @@ def run(cfg: DictConfig) -> float | None:
     params = parameter_report(module.model)
     log.info(format_report(params))
     trainer = build_trainer(cfg)
+    for logger in trainer.loggers:  # W&B: the run's config panel; CSV: hparams.yaml
+        logger.log_hyperparams({"config": resolved(cfg), "parameters": params})
 
     best_ckpt, best_score = None, None
     if cfg.train:

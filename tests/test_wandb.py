@@ -1,0 +1,67 @@
+"""W&B offline: a tiny run's own run file holds the losses, learning rates, metrics, parameter report and
+config, and every validation logs a table of predictions."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import wandb
+from wandb.proto import wandb_internal_pb2 as pb
+
+from src.config import compose
+from src.run import run
+from tests.test_default_job import TINY_JOB
+
+BLOCK = 32768  # W&B run files use LevelDB's log layout: 32 KiB blocks of (crc, length, type) chunks
+
+
+def run_records(path: Path) -> Iterator[pb.Record]:
+    """The protobuf records of an offline run file (`run-<id>.wandb`)."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", "not a W&B run file"
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        left = BLOCK - pos % BLOCK
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (kind == 0 and length == 0):  # block padding
+            pos += left
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+@pytest.mark.slow
+def test_offline_run_holds_metrics_config_and_prediction_tables(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run(compose([f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'run'}", *TINY_JOB,
+                 "shuffled_text_check=false", "logger=wandb", "callbacks.wandb_predictions.max_samples=5"]))
+    assert wandb.run is None  # finished: a sweep's next job in this process gets a run of its own
+    [run_dir] = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    history, config = set(), set()
+    for record in run_records(next(run_dir.glob("run-*.wandb"))):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+        elif kind == "config":
+            config |= {item.key for item in record.config.update}
+    for key in ("train/loss", "train/l1", "train/giou", "lr-AdamW/head", "val/loss", "val/acc50", "val/miou",
+                "test_test/acc50", "test_test/miou", "test_test/n", "val/predictions/nrows"):
+        assert key in history, key
+    assert {"config", "parameters"} <= config
+
+    tables = sorted(run_dir.glob("files/media/table/val/predictions_*.table.json"))
+    assert len(tables) == 2  # one per validation (2 epochs)
+    table = json.loads(tables[-1].read_text())
+    assert table["columns"] == ["image", "phrase", "iou", "hit", "image_file"]
+    assert len(table["data"]) == 5
+    for _, phrase, iou, hit, image_file in table["data"]:
+        assert phrase and image_file.endswith(".png") and 0.0 <= iou <= 1.0 and hit == (iou >= 0.5)
