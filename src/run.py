@@ -120,7 +120,7 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
 def evaluate_splits(trainer: L.Trainer, module: GroundingModule, loaders: list, names: list[str], ckpt: str | None):
     """Run the test loop over `loaders` named `names`; returns per-split acc50/miou/n."""
     module.set_test_splits(names)
-    trainer.test(module, dataloaders=loaders, ckpt_path=ckpt, verbose=False)
+    trainer.test(module, dataloaders=loaders, ckpt_path=ckpt, verbose=False, weights_only=True)
     return split_metrics(trainer.callback_metrics, names)
 
 
@@ -183,7 +183,7 @@ def train_and_test(cfg: DictConfig) -> float | None:
     best_ckpt, best_score = None, None
     if cfg.train:
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         except (NonFiniteError, DataError) as err:
             return record_failure(cfg, trainer, params, err, time.perf_counter() - start)
         checkpoint = trainer.checkpoint_callback

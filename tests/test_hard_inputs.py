@@ -33,6 +33,7 @@ from src.data.transforms import EvalTransform
 from src.run import build_seeded_module, run
 from tests.test_checkpoints import save
 from tests.test_datamodule import make_dm, make_referit_root
+from tests.test_default_job import TINY_JOB
 
 RED = (220, 20, 20)
 
@@ -380,4 +381,17 @@ def test_checkpoint_carrying_a_code_payload_is_refused_and_never_executed(untrai
     assert not marker.exists(), refused.value
     with pytest.raises(Exception, match="system"):
         predict.Predictor(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_resuming_from_a_checkpoint_with_a_code_payload_is_refused(untrained_checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint = torch.load(untrained_checkpoint, weights_only=True)
+    marker = tmp_path / "pwned"
+    checkpoint["extra"] = CreatesAFile(marker)
+    torch.save(checkpoint, tmp_path / "evil.ckpt")
+    job = [f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'run'}", *TINY_JOB, "logger=csv",
+           "vision_pretraining=null", "text_pretraining=null", f"ckpt_path={tmp_path / 'evil.ckpt'}"]
+    with pytest.raises(Exception, match="system"):
+        run(compose(job))  # Lightning restores it with weights_only=True
     assert not marker.exists()
