@@ -207,3 +207,34 @@ def test_concurrent_processes_build_a_cache_entry_once(tmp_path: Path) -> None:
         paths = pool.starmap(_build_with_a_count, [(str(tmp_path / "cache"), str(marker))] * 3)
     assert len(set(paths)) == 1 and Path(paths[0]).is_file()
     assert marker.read_text().count("built") == 1
+
+
+def test_slurm_launcher_config_composes_for_a_multi_node_sweep() -> None:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from src.config import CONFIG_DIR
+
+    overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.nodes=2",
+                 "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu" and launcher.nodes == 2
+    assert launcher.tasks_per_node == launcher.gpus_per_node == cfg.trainer.devices
+    assert cfg.trainer.num_nodes == 2 and cfg.trainer.strategy == "ddp"
+
+
+@pytest.mark.slow
+def test_two_point_sweep_through_the_submitit_local_launcher(tmp_path: Path) -> None:
+    from tests.test_default_job import TINY_JOB
+
+    env = {**os.environ, "REC_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "src.run", "-m", "hydra/launcher=local", "seed=1,2", "trainer.max_epochs=1",
+           "logger=csv", "visualize=0", "shuffled_text_check=false", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+           *TINY_JOB[:-3]]
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted((tmp_path / "sweep").glob("*/results.json"))
+    assert sorted(json.loads(p.read_text())["config"]["seed"] for p in results) == [1, 2]
+    assert list((tmp_path / "sweep" / ".submitit").iterdir()), "the jobs went through submitit"
