@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test lint format clean
+.PHONY: setup run test lint format clean bench gpu-check
 
 setup: $(STAMP)
 
@@ -21,6 +21,21 @@ run: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Speed and memory per PEFT method (full-size MaPPER, random weights, each method in its own process).
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) -m src.bench out=bench.json $(ARGS)
+
+# On a machine with GPUs: bf16 train/eval figures of the full-size model per method on the first GPU
+# (JSON in gpu-check.json), then, with 2+ GPUs, 20 DDP steps of it on all of them on the synthetic benchmark.
+gpu-check: setup
+	HF_HUB_OFFLINE=1 $(PY) -m src.bench methods=mapper,lora,full device=cuda precision=bf16 steps=10 batch=8 \
+		data=false out=gpu-check.json
+	@if [ "$$($(PY) -c 'import torch; print(torch.cuda.device_count())')" -gt 1 ]; then \
+		HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m src.run task_name=gpu_check trainer=ddp model=mapper_base \
+			model.pretrained=false vision_pretraining=null text_pretraining=null data.batch_size=8 \
+			+trainer.max_steps=20 trainer.max_epochs=1 test=false logger=csv visualize=0; \
+	fi
 
 lint: setup
 	$(VENV)/bin/ruff check src tests experiments
