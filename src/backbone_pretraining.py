@@ -47,10 +47,11 @@ def apply_backbone_pretraining(cfg: DictConfig, datamodule: L.LightningDataModul
     if text_stage:
         bert_tok, clip_tok = datamodule.tokenizers()
         text, prior = TextSettings(**plain(model.text)), PriorSettings(**plain(model.prior))
-        bert = partial(bert_tower, text, token_type=not quirks.bert_without_token_type)
+        token_type = not quirks.bert_without_token_type  # the official BERT has no token-type table
+        bert = partial(bert_tower, text, token_type=token_type)
         stage = TextPretraining(**text_stage)
         paths["text"] = ensure_pretrained_text(corpus, "bert", text.config, bert, bert_tok, model.max_query_len,
-                                               stage, cache)
+                                               stage, cache, variant={"token_type": token_type})
         paths["prior"] = ensure_pretrained_text(corpus, "clip", prior.config, partial(clip_tower, prior), clip_tok,
                                                 model.max_query_len, stage, cache)
     with open_dict(cfg):

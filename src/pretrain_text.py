@@ -94,13 +94,16 @@ def phrase_labels(root: Path) -> tuple[list[str], dict[str, list[str]], torch.Te
 def ensure_pretrained_text(
     corpus: Path, tower: str, tower_config: dict[str, Any], build: Callable[[], tuple[nn.Module, TowerFn]],
     tokenizer: Tokenizer, max_len: int, settings: TextPretraining, cache_dir: Path,
+    variant: dict[str, Any] | None = None,
 ) -> Path:
     """Path of the pretrained state dict of a text tower, training it first if not cached.
 
     `build()` returns the freshly built module to save and the function giving its per-token
-    features; `tower` ("bert" / "clip") and `tower_config` name it in the cache key.
+    features; `tower` ("bert" / "clip"), `tower_config` and `variant` (anything else that changes the
+    built module, e.g. whether BERT has a token-type table) name it in the cache key.
     """
-    key = {"corpus": corpus.name, "tower": tower, "config": tower_config, "max_len": max_len, **asdict(settings)}
+    key = {"corpus": corpus.name, "tower": tower, "config": tower_config, "max_len": max_len, **asdict(settings),
+           **(variant or {})}
 
     def train() -> dict[str, torch.Tensor]:
         start = time.perf_counter()

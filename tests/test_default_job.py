@@ -55,3 +55,13 @@ def test_cli_multirun_sweeps_two_jobs(tmp_path: Path):
     assert len(results) == 2
     epochs = sorted(json.loads(p.read_text())["config"]["trainer"]["max_epochs"] for p in results)
     assert epochs == [1, 2]
+
+
+@pytest.mark.slow
+def test_official_mode_runs_from_a_cache_filled_by_a_clean_run(tmp_path: Path):
+    job = [f"paths.cache_dir={tmp_path / 'cache'}", *TINY_JOB, "logger=csv", "visualize=0", "test=false",
+           "trainer.max_epochs=1", "shuffled_text_check=false"]
+    run(compose([*job, f"paths.output_dir={tmp_path / 'clean'}"]))
+    run(compose([*job, f"paths.output_dir={tmp_path / 'official'}", "model.mode=official"]))
+    bert_caches = sorted((tmp_path / "cache").glob("bert-synthetic-*.pt"))
+    assert len(bert_caches) == 2  # the official BERT (no token-type table) has a pretraining of its own

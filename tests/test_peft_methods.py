@@ -216,3 +216,22 @@ def test_official_mode_mapper_is_unchanged_by_the_switches():
     assert official.text.layers[1].output.placement == "parallel_after_norm"
     assert official.text.layers[1].output.adapter.unused_prior_down is not None
     copy.deepcopy(official)  # the dropout bookkeeping survives copies
+
+
+@pytest.mark.parametrize("name", ["mapper", "lora", "adapter"])
+def test_frozen_backbones_are_deterministic_in_training_mode_in_clean_mode(name: str):
+    model = tiny_with(name).train()
+    batch = inputs()
+    with torch.no_grad():
+        prior = model._prior(batch["text_ids"], batch["text_mask"], batch["prior_ids"], batch["prior_mask"])
+        for backbone, run in (("vision", lambda: model.vision(batch["image"])),
+                              ("text", lambda: model.text(batch["text_ids"], batch["text_mask"], condition=prior)),
+                              ("prior", lambda: model._prior(batch["text_ids"], batch["text_mask"],
+                                                             batch["prior_ids"], batch["prior_mask"]))):
+            if backbone != "prior" or model.prior is not None:  # LoRA and Adapter are built without the prior
+                assert torch.equal(run(), run()), f"{name}: two training-mode passes of the frozen {backbone} differ"
+    official = tiny_with(name, mode="official").train()  # the official BERT keeps its dropout
+    with torch.no_grad():
+        prior = official._prior(batch["text_ids"], batch["text_mask"], batch["prior_ids"], batch["prior_mask"])
+        first = official.text(batch["text_ids"], batch["text_mask"], condition=prior)
+        assert not torch.equal(first, official.text(batch["text_ids"], batch["text_mask"], condition=prior))
