@@ -43,7 +43,7 @@ class LastCheckpoint(Callback):
             return
         self._saved_step = trainer.global_step
         partial = self.path.with_name(self.path.name + ".partial")
-        trainer.save_checkpoint(partial)
+        trainer.save_checkpoint(partial, weights_only=False)  # the full state: a resume needs it
         if trainer.is_global_zero:
             os.replace(partial, self.path)
         trainer.strategy.barrier("last_checkpoint")
