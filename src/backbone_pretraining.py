@@ -37,7 +37,7 @@ def apply_backbone_pretraining(cfg: DictConfig, datamodule: L.LightningDataModul
         return
     corpus = datamodule.synthetic_corpus(**cfg.pretraining_corpus)
     model, cache = cfg.model, Path(cfg.paths.cache_dir)
-    quirks = ModelQuirks.for_mode(model.mode)
+    quirks = ModelQuirks.resolve(model.mode, model.get("quirks"))
     paths: dict[str, Path] = {}
     if vision_stage:
         paths["vision"] = ensure_pretrained_vit(

@@ -74,7 +74,8 @@ def format_report(report: dict[str, float | int | str]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    """Compose the run config with `argv` overrides, build the model on the meta device, print JSON."""
+    """Compose the run config with `argv` overrides, build the model on the meta device, print JSON
+    (the parameter report and the effective model quirks)."""
     from hydra.utils import instantiate
 
     from src.config import compose
@@ -82,7 +83,7 @@ def main(argv: list[str]) -> None:
     cfg = compose(argv + ["model.pretrained=false"])
     with torch.device("meta"):
         model = instantiate(cfg.model, _partial_=True)(peft=instantiate(cfg.peft))
-    print(json.dumps(parameter_report(model), indent=2))
+    print(json.dumps({**parameter_report(model), "quirks": model.quirks.as_dict()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Every behaviour of the official MaPPER code that differs from the paper's intent, in one place.
 
 `model.mode=clean` (default) turns every quirk off; `model.mode=official` turns every quirk on, so
-that official checkpoints load and compute exactly what the official code computes. Model quirks
+that official checkpoints load and compute exactly what the official code computes. Any single quirk
+can be set against its mode's default: `model.quirks.<name>=true|false`, `data.augment.quirks.<name>`. Model quirks
 (`ModelQuirks`) and data-augmentation quirks (`AugmentQuirks`) live here side by side; modules and
 transforms receive the single flags they need, and nothing else in the code asks which mode is active.
 (The official loader's int truncation of boxes is the reader setting `reader.int_boxes`.)
@@ -9,7 +10,8 @@ transforms receive the single flags they need, and nothing else in the code asks
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from typing import Literal, Self
 
 Mode = Literal["clean", "official"]
@@ -26,6 +28,25 @@ class QuirkSwitches:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         on = mode == "official"
         return cls(**{f.name: on for f in fields(cls)})
+
+    @classmethod
+    def resolve(cls, mode: str, overrides: Mapping[str, bool | None] | None = None) -> Self:
+        """The mode's defaults with single quirks set (`model.quirks.<name>`, `data.augment.quirks.<name>`);
+        a None value keeps the mode's default."""
+        names = [f.name for f in fields(cls)]
+        chosen = {}
+        for name, value in (overrides or {}).items():
+            if name not in names:
+                raise ValueError(f"unknown {cls.__name__} switch {name!r}; known: {names}")
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"quirk {name} must be true, false or null, got {value!r}")
+            if value is not None:
+                chosen[name] = value
+        return replace(cls.for_mode(mode), **chosen)
+
+    def as_dict(self) -> dict[str, bool]:
+        """Every switch and its effective value (what params JSON and results.json report)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)

@@ -220,6 +220,7 @@ def train_and_test(cfg: DictConfig) -> float | None:
         "best_val_acc50": best_score,
         "best_checkpoint": best_ckpt,
         "data_problems": problems,
+        "quirks": module.model.quirks.as_dict(),
         "parameters": params,
         "config": config,
     })

@@ -35,6 +35,7 @@ def test_default_job_writes_every_artefact(tmp_path: Path):
     assert results["wall_seconds"] > 0
     assert results["parameters"]["tunable_backbone"] > 0
     assert results["config"]["model"]["mode"] == "clean"
+    assert results["quirks"] and not any(results["quirks"].values())  # clean mode: every quirk off
     for backbone in ("vision", "text", "prior"):  # the pretraining stages ran
         assert Path(results["config"]["model"][backbone]["init_checkpoint"]).exists()
     assert (out / "predictions.png").stat().st_size > 0

@@ -173,3 +173,40 @@ def test_sincos_positions_for_random_vits():
     assert tiny().vision.vit.pos_embed.abs().max() < 0.2  # timm's own random init is tiny
     with pytest.raises(ValueError, match="random_pos_embed"):
         tiny(vision={**TINY_MODEL["vision"], "random_pos_embed": "learned"})
+
+
+def test_single_quirks_are_config_switches_against_the_mode():
+    from src.config import compose
+    from src.run import build_seeded_module
+
+    def grounder(*overrides: str):
+        cfg = compose(["peft=lora", "vision_pretraining=null", "text_pretraining=null", "paths.output_dir=x",
+                       *overrides])
+        return build_seeded_module(cfg).model
+
+    clean, one = grounder(), grounder("model.quirks.additive_fusion_mask=true")
+    assert [k for k, v in one.quirks.as_dict().items() if v] == ["additive_fusion_mask"]
+    batch = {"image": torch.randn(2, 3, 96, 96), "pixel_mask": torch.zeros(2, 96, 96, dtype=torch.bool),
+             "text_ids": torch.tensor([[101, 2417, 102] + [0] * 13] * 2),
+             "text_mask": torch.tensor([[1, 1, 1] + [0] * 13] * 2)}
+    clean.eval(), one.eval()
+    with torch.no_grad():  # same weights, one mask convention changed: padded keys get +1 in their logits
+        assert not torch.allclose(clean(**batch).boxes, one(**batch).boxes)
+    official = grounder("model.mode=official", "model.quirks.prior_from_bert_ids=false")
+    assert [k for k, v in official.quirks.as_dict().items() if not v] == ["prior_from_bert_ids"]
+    with pytest.raises(ValueError, match="unknown ModelQuirks switch 'no_such_quirk'"):
+        grounder("+model.quirks.no_such_quirk=true")
+
+
+def test_single_augmentation_quirks_reach_the_train_transform():
+    from hydra.utils import instantiate
+
+    from src.config import compose
+    from src.data.transforms import TrainTransform, build_transform
+
+    dm = instantiate(compose(["data.augment.enabled=true", "data.augment.quirks.swapped_crop_check=true"]).data)
+    transform = build_transform(True, dm.image_size, dm.augment, dm.mode, dm.augment_quirks)
+    assert isinstance(transform, TrainTransform)
+    assert [k for k, v in transform.quirks.as_dict().items() if v] == ["swapped_crop_check"]
+    with pytest.raises(Exception, match="unknown AugmentQuirks switch"):  # wrapped by Hydra
+        instantiate(compose(["+data.augment.quirks.flip_everything=true"]).data)

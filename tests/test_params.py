@@ -29,6 +29,7 @@ def test_paper_configuration_official_mode_gives_1_41_percent(capsys: pytest.Cap
     assert r["summary"] == "2,774,043 / 196,062,720 = 1.41%"
     assert r["trainable"] == 11_547_167
     assert r["trainable"] + r["frozen"] == OFFICIAL_BUILT_MINUS_UNUSED
+    assert r["quirks"] and all(r["quirks"].values())  # official mode: every model quirk on, reported
 
 
 def test_refcocog_query_length_adds_only_position_rows(capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,7 +21,7 @@ from src.data.readers import SplitFileError, is_degenerate, read_jsonl, read_ref
 from src.data.records import Record
 from src.data.tokenizers import bert_tokenizer, clip_tokenizer
 from src.data.transforms import AugmentSettings, build_transform
-from src.quirks import MODES
+from src.quirks import MODES, AugmentQuirks
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,9 @@ class GroundingDataModule(L.LightningDataModule):
             self.spec.check_split(split)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.image_size, self.max_query_len, self.mode = image_size, max_query_len, mode
+        augment = dict(augment or {})
+        self.augment_quirks = dict(augment.pop("quirks", None) or {})  # single quirks against the mode
+        AugmentQuirks.resolve(mode, self.augment_quirks)  # unknown names fail here, not at the first batch
         self.augment = AugmentSettings.from_config(augment)
         self.reader = ReaderSettings.from_config(reader)
         self.bert_vocab, self.clip_vocab = bert_vocab, clip_vocab
@@ -275,7 +278,7 @@ class GroundingDataModule(L.LightningDataModule):
         off) is computed once into memory instead.
         """
         bert, clip = self.tokenizers()
-        transform = build_transform(train, self.image_size, self.augment, self.mode)
+        transform = build_transform(train, self.image_size, self.augment, self.mode, self.augment_quirks)
         dataset = RecordDataset(
             self.usable_records(split),
             self.image_root,

@@ -318,9 +318,10 @@ class TrainTransform:
 
 
 def build_transform(
-    train: bool, image_size: int, settings: AugmentSettings, mode: str
+    train: bool, image_size: int, settings: AugmentSettings, mode: str, quirks: Mapping[str, Any] | None = None
 ) -> TrainTransform | EvalTransform:
-    """The train recipe (when train and augmentation is enabled) or the eval recipe."""
+    """The train recipe (when train and augmentation is enabled) or the eval recipe; `quirks` sets
+    single augmentation quirks against the mode's defaults."""
     if train and settings.enabled:
-        return TrainTransform(image_size, settings, AugmentQuirks.for_mode(mode))
+        return TrainTransform(image_size, settings, AugmentQuirks.resolve(mode, quirks))
     return EvalTransform(image_size)

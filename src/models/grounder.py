@@ -198,13 +198,15 @@ def build_grounder(
     prior: dict[str, Any] | None = None,
     fusion: dict[str, Any] | None = None,
     adapter_layers: dict[str, Sequence[int]] | None = None,
+    quirks: dict[str, bool | None] | None = None,
 ) -> Grounder:
     """Build the grounder from plain settings (what Hydra passes) and apply the PEFT method.
 
     `pretrained=False` builds every backbone from its architecture settings with random weights and
-    touches no network; `adapter_layers` is the default placement for methods that leave theirs unset.
+    touches no network; `adapter_layers` is the default placement for methods that leave theirs unset;
+    `quirks` sets single official quirks against the mode's defaults.
     """
-    quirks = ModelQuirks.for_mode(mode)
+    quirks = ModelQuirks.resolve(mode, quirks)
     vs, ts, ps = VisionSettings(**(vision or {})), TextSettings(**(text or {})), PriorSettings(**(prior or {}))
     vit = build_vit(vs, image_size, pretrained, drop_registers=quirks.drop_vision_registers)
     if image_size % vit.patch_embed.patch_size[0]:
