@@ -77,6 +77,13 @@ class ModelQuirks(QuirkSwitches):
     # queries and keys, such large positions drown the content in the attention logits, and
     # content-based matching (phrase -> object) learns far slower than from an N(0, 0.02) start.
     unit_normal_fusion_positions: bool = False
+    # §6.1: the official loader never loads CLIP's 12 text blocks: with pretrained weights they stay at
+    # CLIP's random initialisation (here: CLIP's init scheme from a fixed seed); embeddings, final
+    # LayerNorm and projection are loaded.
+    prior_random_blocks: bool = False
+    # §1.6: on GPU the official CLIP runs in fp16 (its convert_weights); here: fp16 autocast around the
+    # prior on CUDA (LayerNorm stays fp32, as CLIP's own); no effect on CPU.
+    prior_fp16: bool = False
 
 
 @dataclass(frozen=True)

@@ -210,3 +210,43 @@ def test_single_augmentation_quirks_reach_the_train_transform():
     assert [k for k, v in transform.quirks.as_dict().items() if v] == ["swapped_crop_check"]
     with pytest.raises(Exception, match="unknown AugmentQuirks switch"):  # wrapped by Hydra
         instantiate(compose(["+data.augment.quirks.flip_everything=true"]).data)
+
+
+def test_prior_random_blocks_keeps_the_loaded_embeddings_and_projection_only(tmp_path):
+    from src.models.encoders import PriorSettings, build_clip_text, clip_config
+
+    small = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                 projection_dim=16, vocab_size=300)
+    settings = PriorSettings(weights=str(tmp_path / "clip"), config=small)
+    torch.manual_seed(5)
+    from transformers import CLIPTextModelWithProjection
+
+    CLIPTextModelWithProjection(clip_config(settings)).save_pretrained(tmp_path / "clip")  # "pretrained" weights
+    saved = build_clip_text(settings, pretrained=True).state_dict()
+    official = build_clip_text(settings, pretrained=True, random_blocks=True).state_dict()
+    again = build_clip_text(settings, pretrained=True, random_blocks=True).state_dict()
+    blocks = [k for k in saved if ".encoder.layers." in k]
+    kept = [k for k in saved if k not in blocks]
+    assert blocks and kept and all(torch.equal(saved[k], official[k]) for k in kept)
+    weights = [k for k in blocks if k.endswith("proj.weight") or k.endswith("fc1.weight") or k.endswith("fc2.weight")]
+    assert all(not torch.equal(saved[k], official[k]) for k in weights)  # re-drawn ...
+    assert all(torch.equal(official[k], again[k]) for k in blocks)  # ... from a fixed seed
+    assert ModelQuirksFor("official").prior_random_blocks and not ModelQuirksFor("clean").prior_random_blocks
+
+
+def ModelQuirksFor(mode: str):  # noqa: N802 (reads as the class it stands for)
+    from src.quirks import ModelQuirks
+
+    return ModelQuirks.for_mode(mode)
+
+
+def test_prior_fp16_changes_nothing_on_cpu():
+    from src.models.encoders import PriorSettings, TextPrior, build_clip_text
+
+    settings = PriorSettings(config=dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=48, projection_dim=16, vocab_size=300))
+    torch.manual_seed(0)
+    clip = build_clip_text(settings, pretrained=False)
+    ids, mask = torch.randint(1, 300, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    with torch.no_grad():  # fp16 autocast applies on CUDA only (the official GPU run); CPU stays fp32
+        assert torch.equal(TextPrior(clip, fp16=True)(ids, mask), TextPrior(clip)(ids, mask))

@@ -7,7 +7,7 @@ access (tests and the synthetic job), and from the hub or a local path when `pre
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,10 +178,11 @@ class ConditionSlot:
 class TextPrior(nn.Module):
     """Frozen CLIP text tower: per-token features after the final LayerNorm, projected (B, L, P)."""
 
-    def __init__(self, clip: CLIPTextModelWithProjection, use_padding_mask: bool = True) -> None:
+    def __init__(self, clip: CLIPTextModelWithProjection, use_padding_mask: bool = True, fp16: bool = False) -> None:
         super().__init__()
         self.clip = clip
         self.use_padding_mask = use_padding_mask
+        self.fp16 = fp16  # fp16 autocast on CUDA, as the official GPU run (the prior_fp16 quirk)
 
     @property
     def dim(self) -> int:
@@ -192,8 +193,10 @@ class TextPrior(nn.Module):
         if ids.shape[1] > limit:
             raise ValueError(f"query length {ids.shape[1]} exceeds CLIP's {limit} positions")
         attention_mask = mask if self.use_padding_mask else None
-        hidden = self.clip.text_model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
-        return self.clip.text_projection(hidden)
+        half = self.fp16 and ids.is_cuda
+        with torch.autocast("cuda", dtype=torch.float16) if half else nullcontext():
+            hidden = self.clip.text_model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+            return self.clip.text_projection(hidden)
 
 
 def build_vit(settings: VisionSettings, image_size: int, pretrained: bool, drop_registers: bool) -> nn.Module:
@@ -267,15 +270,60 @@ def clip_config(settings: PriorSettings) -> CLIPTextConfig:
     return CLIPTextConfig(**{**CLIP_B16_TEXT, **settings.config})
 
 
-def build_clip_text(settings: PriorSettings, pretrained: bool) -> CLIPTextModelWithProjection:
-    """Only CLIP's text tower and its projection are built (the image tower would be dead weight)."""
+# Seed of the random CLIP text blocks of the `prior_random_blocks` quirk.
+RANDOM_BLOCKS_SEED = 0
+
+
+def build_clip_text(
+    settings: PriorSettings, pretrained: bool, random_blocks: bool = False
+) -> CLIPTextModelWithProjection:
+    """Only CLIP's text tower and its projection are built (the image tower would be dead weight).
+
+    `random_blocks` (the official loader's behaviour) re-initialises the transformer blocks of a
+    pretrained tower with CLIP's own init scheme from a fixed seed, keeping its embeddings, final
+    LayerNorm and projection.
+    """
     config = clip_config(settings)
     if pretrained:
         clip = CLIPTextModelWithProjection.from_pretrained(settings.weights, config=config)
+        if random_blocks:
+            randomise_clip_blocks(clip, RANDOM_BLOCKS_SEED)
     else:
         clip = CLIPTextModelWithProjection(config)
     load_checkpoint(clip, settings.init_checkpoint)
     return clip
+
+
+@torch.no_grad()
+def randomise_clip_blocks(clip: CLIPTextModelWithProjection, seed: int) -> None:
+    """Re-draw every text transformer block as OpenAI CLIP initialises them (`initialize_parameters`):
+    q/k/v std width^-0.5, attention output and MLP output std width^-0.5 (2 layers)^-0.5, MLP input
+    std (2 width)^-0.5, attention biases 0, MLP biases nn.Linear's uniform, LayerNorms 1 and 0."""
+    g = torch.Generator().manual_seed(seed)
+    width, layers = clip.config.hidden_size, clip.config.num_hidden_layers
+    attn_std, proj_std, fc_std = width**-0.5, width**-0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+
+    def normal(linear: nn.Linear, std: float) -> None:
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) * std)
+
+    def uniform_bias(linear: nn.Linear) -> None:
+        bound = linear.in_features**-0.5
+        linear.bias.copy_((torch.rand(linear.bias.shape, generator=g) * 2 - 1) * bound)
+
+    for layer in clip.text_model.encoder.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        for linear in (attention.q_proj, attention.k_proj, attention.v_proj):
+            normal(linear, attn_std)
+            linear.bias.zero_()
+        normal(attention.out_proj, proj_std)
+        attention.out_proj.bias.zero_()
+        normal(mlp.fc1, fc_std)
+        uniform_bias(mlp.fc1)
+        normal(mlp.fc2, proj_std)
+        uniform_bias(mlp.fc2)
+        for norm in (layer.layer_norm1, layer.layer_norm2):
+            norm.weight.fill_(1.0)
+            norm.bias.zero_()
 
 
 def load_checkpoint(module: nn.Module, path: str | None) -> None:

@@ -214,7 +214,8 @@ def build_grounder(
     bert = build_bert(ts, pretrained, token_type=not quirks.bert_without_token_type)
     clip = None
     if peft.uses_prior:
-        clip = TextPrior(build_clip_text(ps, pretrained), use_padding_mask=not quirks.prior_from_bert_ids)
+        clip = TextPrior(build_clip_text(ps, pretrained, random_blocks=quirks.prior_random_blocks),
+                         use_padding_mask=not quirks.prior_from_bert_ids, fp16=quirks.prior_fp16)
     model = Grounder(
         VisionEncoder(vit), TextEncoder(bert), clip,
         FusionSettings(**(fusion or {})), max_query_len, quirks, adapter_layers,
