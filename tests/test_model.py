@@ -250,3 +250,19 @@ def test_prior_fp16_changes_nothing_on_cpu():
     ids, mask = torch.randint(1, 300, (2, 6)), torch.ones(2, 6, dtype=torch.long)
     with torch.no_grad():  # fp16 autocast applies on CUDA only (the official GPU run); CPU stays fp32
         assert torch.equal(TextPrior(clip, fp16=True)(ids, mask), TextPrior(clip)(ids, mask))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_fused_fusion_attention_equals_multihead_attention(mask_dtype):
+    from src.models.fusion import FusionLayer
+
+    torch.manual_seed(0)
+    layer = FusionLayer(64, 8, 128, dropout=0.0)
+    x, pos = torch.randn(3, 20, 64), torch.randn(1, 20, 64)
+    mask = torch.rand(3, 20) > 0.6
+    mask[:, 0] = False
+    mask = mask.to(mask_dtype)  # float: the official +1 on padded keys' logits
+    for mode in (True, False):
+        layer.train(mode)
+        reference = layer.self_attn(x + pos, x + pos, x, key_padding_mask=mask, need_weights=False)[0]
+        assert torch.allclose(layer.attend(x + pos, x, mask), reference, atol=1e-6)

@@ -21,9 +21,27 @@ class FusionLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
+    def attend(self, qk: torch.Tensor, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        """`self_attn(qk, qk, x)` computed with fused `scaled_dot_product_attention`, in training too.
+
+        The weights stay those of the nn.MultiheadAttention (so checkpoints and the official key mapping
+        are unchanged); nn.MultiheadAttention itself only takes its fused path in inference.
+        """
+        attn = self.self_attn
+        b, n, d = x.shape
+        heads = attn.num_heads
+        q, k = F.linear(qk, attn.in_proj_weight[: 2 * d], attn.in_proj_bias[: 2 * d]).chunk(2, dim=-1)
+        v = F.linear(x, attn.in_proj_weight[2 * d :], attn.in_proj_bias[2 * d :])
+        q, k, v = (t.view(b, n, heads, d // heads).transpose(1, 2) for t in (q, k, v))
+        if key_padding_mask.dtype == torch.bool:
+            mask = ~key_padding_mask[:, None, None, :]  # True = attend
+        else:  # a float mask is added to the logits, as nn.MultiheadAttention does
+            mask = key_padding_mask[:, None, None, :].to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.dropout if self.training else 0.0)
+        return attn.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
     def forward(self, x: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
-        qk = x + pos
-        attended = self.self_attn(qk, qk, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        attended = self.attend(x + pos, x, key_padding_mask)
         x = self.norm1(x + self.dropout1(attended))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(x))))
         return self.norm2(x + self.dropout2(ffn))
