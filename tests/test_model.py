@@ -266,3 +266,30 @@ def test_fused_fusion_attention_equals_multihead_attention(mask_dtype):
         layer.train(mode)
         reference = layer.self_attn(x + pos, x + pos, x, key_padding_mask=mask, need_weights=False)[0]
         assert torch.allclose(layer.attend(x + pos, x, mask), reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("peft", ["mapper", "lora"])
+def test_checkpointing_frozen_blocks_gives_the_same_step(peft):
+    from tests.test_checkpoints import module_for
+
+    def step(checkpointing: bool):
+        overrides = ["peft.rank=4"] if peft == "mapper" else []
+        module = module_for(peft, *overrides, f"model.checkpointing={str(checkpointing).lower()}")
+        module.model.train()
+        calls = []
+        module.model.vision.blocks[2].attn.register_forward_hook(lambda *_: calls.append(1))
+        loss = module.loss(module(inputs()).boxes, torch.tensor([[0.5, 0.5, 0.2, 0.3]] * B))["loss"]
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+        buffers = {n: b.clone() for n, b in module.model.named_buffers()}
+        return module.model.checkpointed_blocks, loss.detach(), grads, buffers, len(calls)
+
+    plain_blocks, plain_loss, plain_grads, plain_buffers, plain_calls = step(False)
+    blocks, loss, grads, buffers, calls = step(True)
+    assert (plain_calls, calls) == (1, 2)  # block 2 ran again in backward instead of keeping its activations
+    # TINY_MODEL adapts blocks 1 and 3 of each backbone: block 2 is frozen and gradients pass through it
+    assert plain_blocks == [] and {"vision.2", "text.2"} <= set(blocks)
+    assert not {"vision.1", "vision.3", "text.1", "text.3"} & set(blocks)
+    assert torch.equal(loss, plain_loss) and grads.keys() == plain_grads.keys()
+    assert all(torch.allclose(grads[n], plain_grads[n], atol=1e-6, rtol=1e-5) for n in grads)
+    assert all(torch.equal(buffers[n], plain_buffers[n]) for n in buffers)  # BatchNorm stats updated once

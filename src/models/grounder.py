@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from src.models.checkpointing import checkpoint_frozen_blocks
 from src.models.encoders import (
     PriorSettings,
     TextEncoder,
@@ -78,6 +79,8 @@ class Grounder(nn.Module):
         # The backbones' own modules, and whether each is in the text encoder (not those a PEFT method
         # brings, e.g. LoRA's: they keep training mode). Held as objects: injection renames modules.
         self.backbone_modules: list[tuple[nn.Module, bool]] = []
+        # Frozen backbone blocks whose activations are recomputed in backward (model.checkpointing).
+        self.checkpointed_blocks: list[str] = []
         # The backbone architectures this model was built from (for the parameter report).
         self.reference: BackboneReference | None = None
 
@@ -199,12 +202,14 @@ def build_grounder(
     fusion: dict[str, Any] | None = None,
     adapter_layers: dict[str, Sequence[int]] | None = None,
     quirks: dict[str, bool | None] | None = None,
+    checkpointing: bool = False,
 ) -> Grounder:
     """Build the grounder from plain settings (what Hydra passes) and apply the PEFT method.
 
     `pretrained=False` builds every backbone from its architecture settings with random weights and
     touches no network; `adapter_layers` is the default placement for methods that leave theirs unset;
-    `quirks` sets single official quirks against the mode's defaults.
+    `quirks` sets single official quirks against the mode's defaults; `checkpointing` recomputes the
+    frozen backbone blocks' activations in backward instead of storing them (src/models/checkpointing.py).
     """
     quirks = ModelQuirks.resolve(mode, quirks)
     vs, ts, ps = VisionSettings(**(vision or {})), TextSettings(**(text or {})), PriorSettings(**(prior or {}))
@@ -222,4 +227,6 @@ def build_grounder(
     )
     model.reference = BackboneReference(vs, ts, image_size)
     model.apply_peft(peft)
+    if checkpointing:
+        model.checkpointed_blocks = checkpoint_frozen_blocks({"vision": model.vision.blocks, "text": model.text.layers})
     return model
