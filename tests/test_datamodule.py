@@ -31,10 +31,14 @@ PHRASES = [
 ]
 
 
-def make_referit_root(root: Path, sizes: dict[str, int], extra: dict[str, list[tuple]] | None = None) -> Path:
-    """Write a ReferIt-style benchmark: images/ and split_root/referit/referit_<split>.pth (xyxy ints)."""
+def make_benchmark_root(root: Path, dataset: str, sizes: dict[str, int],
+                        extra: dict[str, list[tuple]] | None = None) -> Path:
+    """Write a TransVG-layout benchmark: images/ and splits/<dataset>/<dataset>_<split>.pth.
+
+    Boxes are [4 + i, 5, 30 + i, 40], inside every image whether read as xyxy (ReferIt) or xywh (RefCOCO).
+    """
     (root / "images").mkdir(parents=True)
-    (root / "splits" / "referit").mkdir(parents=True)
+    (root / "splits" / dataset).mkdir(parents=True)
     for split, n in sizes.items():
         records = []
         for i in range(n):
@@ -45,10 +49,15 @@ def make_referit_root(root: Path, sizes: dict[str, int], extra: dict[str, list[t
         records += (extra or {}).get(split, [])
         torch.save(
             records,
-            root / "splits" / "referit" / f"referit_{split}.pth",
+            root / "splits" / dataset / f"{dataset}_{split}.pth",
             _use_new_zipfile_serialization=False,
         )
     return root
+
+
+def make_referit_root(root: Path, sizes: dict[str, int], extra: dict[str, list[tuple]] | None = None) -> Path:
+    """A ReferIt-style benchmark (xyxy int boxes); see make_benchmark_root."""
+    return make_benchmark_root(root, "referit", sizes, extra)
 
 
 def make_dm(root: Path, **kwargs) -> GroundingDataModule:

@@ -24,7 +24,7 @@ from src.checkpoints import read_checkpoint, trainable_state
 from src.config import compose
 from src.run import build_seeded_module, trainer_settings
 from tests.test_checkpoints import METHODS, module_for, save
-from tests.test_datamodule import make_referit_root
+from tests.test_datamodule import make_benchmark_root, make_referit_root
 from tests.test_model import inputs
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -240,25 +240,9 @@ def test_two_point_sweep_through_the_submitit_local_launcher(tmp_path: Path) -> 
     assert list((tmp_path / "sweep" / ".submitit").iterdir()), "the jobs went through submitit"
 
 
-def make_unc_root(root: Path, sizes: dict[str, int]) -> Path:
-    """A RefCOCO-shaped benchmark: <root>/splits/unc/unc_<split>.pth (xywh boxes) and <root>/images."""
-    from PIL import Image
-
-    (root / "images").mkdir(parents=True)
-    (root / "splits" / "unc").mkdir(parents=True)
-    for split, n in sizes.items():
-        records = []
-        for i in range(n):
-            name = f"COCO_train2014_{split}_{i}.jpg"
-            Image.new("RGB", (96 + 8 * i, 72), (30 * i % 255, 120, 90)).save(root / "images" / name)
-            records.append((name, f"{i}.pth", [4 + i, 6, 30, 40], "the thing on the left", []))
-        torch.save(records, root / "splits" / "unc" / f"unc_{split}.pth")
-    return root
-
-
 @pytest.mark.slow
 def test_paper_experiment_in_official_mode_takes_its_first_ddp_step_on_two_cpu_processes(tmp_path: Path) -> None:
-    root = make_unc_root(tmp_path / "data", {"train": 4, "val": 2, "testA": 1, "testB": 1})
+    root = make_benchmark_root(tmp_path / "data", "unc", {"train": 4, "val": 2, "testA": 1, "testB": 1})
     results = src_run(
         tmp_path / "run", "+experiment=mapper_refcoco", "model.mode=official", "model.pretrained=false",
         "model.image_size=224", f"data.split_root={root / 'splits'}", f"data.image_root={root / 'images'}",
