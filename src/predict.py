@@ -33,6 +33,7 @@ from src.backbone_pretraining import apply_backbone_pretraining
 from src.checkpoints import load_into, read_checkpoint
 from src.config import compose
 from src.data.benchmarks import BOX_FORMATS
+from src.data.dataset import clip_to_image
 from src.data.images import ImageReadError, load_image
 from src.data.problems import BadRecordError, check_policy
 from src.data.readers import SplitFileError, jsonl_header_format, jsonl_objects, to_xyxy
@@ -153,9 +154,7 @@ class Predictor:
 def to_original(box: torch.Tensor, meta: CanvasMeta, size: tuple[int, int], image_size: int) -> tuple[float, ...]:
     """A (cx, cy, w, h) box in [0, 1] of the canvas -> x1y1x2y2 pixels of the original image, clipped."""
     cx, cy, w, h = (box * image_size).tolist()
-    x1, y1, x2, y2 = meta.to_image_box((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
-    width, height = size
-    return (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
+    return clip_to_image(meta.to_image_box((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)), size)
 
 
 def draw(prediction: Prediction, path: Path, exif_transpose: bool = True) -> Path:
