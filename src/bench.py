@@ -58,10 +58,6 @@ def timings(seconds: Sequence[float]) -> dict[str, float]:
     return {"median_s": statistics.median(seconds), "min_s": min(seconds), "spread_s": max(seconds) - min(seconds)}
 
 
-def device_of(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
 def random_batch(cfg: Any, batch: int, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Model inputs of the configured size (real-looking token ids and masks) and target boxes."""
     g = torch.Generator().manual_seed(0)
@@ -96,13 +92,13 @@ def timed(fn: Callable[[], Any], n: int, device: torch.device) -> list[float]:
 
 def measure_method(method: str, options: dict[str, str], overrides: list[str]) -> dict[str, Any]:
     """Train-step and eval-forward figures of one PEFT method (run in its own process)."""
-    from src.config import compose
+    from src.config import compose, resolve_device
     from src.params import parameter_report
     from src.results import peak_memory_bytes, reset_peak_memory
     from src.run import build_seeded_module
 
     cfg = compose([*MODEL_DEFAULTS, f"peft={method}", *overrides])
-    device = device_of(options["device"])
+    device = resolve_device(options["device"])
     module = build_seeded_module(cfg).to(device)
     optimizer, _ = module.build_optimizer(total_steps=1000)
     inputs, boxes = random_batch(cfg, int(options["batch"]), device)

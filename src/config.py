@@ -7,6 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig
@@ -27,3 +28,8 @@ def checked_fields(cls: type, config: Mapping[str, Any] | None, what: str) -> di
     if unknown:
         raise ValueError(f"unknown {what} settings {sorted(unknown)}")
     return config
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; any other name as given (`cpu`, `cuda`, `cuda:1`)."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)

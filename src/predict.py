@@ -31,7 +31,7 @@ from torchvision.ops import box_iou
 
 from src.backbone_pretraining import apply_backbone_pretraining
 from src.checkpoints import load_into, read_checkpoint
-from src.config import compose
+from src.config import compose, resolve_device
 from src.data.benchmarks import BOX_FORMATS
 from src.data.dataset import clip_to_image
 from src.data.images import ImageReadError, load_image
@@ -89,7 +89,7 @@ class Predictor:
         apply_backbone_pretraining(cfg, datamodule)
         module: GroundingModule = build_seeded_module(cfg)
         load_into(module.model, state, prints, str(checkpoint))
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.device = resolve_device(device)
         self.model = module.model.to(self.device).eval()
         self.bert, self.clip = datamodule.tokenizers()
         self.image_size = int(cfg.model.image_size)
