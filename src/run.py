@@ -104,6 +104,9 @@ def trainer_settings(cfg: DictConfig) -> dict:
             f"trainer.precision={precision} is not supported: it casts every weight, but the box head, "
             "loss and metrics run in fp32. Use bf16-mixed (or 16-mixed) instead."
         )
+    if cfg.model.get("frozen_bf16") and cfg.get("eval_fp32"):
+        raise ValueError("model.frozen_bf16=true keeps the frozen backbones in bf16, so they cannot evaluate in fp32: "
+                         "set eval_fp32=false or model.frozen_bf16=false")
     if cfg.trainer.get("strategy") == "ddp" and cfg.model.get("mode") == "official":
         log.info("official mode under DDP: strategy ddp_find_unused_parameters_true (the dead DyPA projection)")
         return {"strategy": "ddp_find_unused_parameters_true"}

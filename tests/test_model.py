@@ -268,28 +268,49 @@ def test_fused_fusion_attention_equals_multihead_attention(mask_dtype):
         assert torch.allclose(layer.attend(x + pos, x, mask), reference, atol=1e-6)
 
 
-@pytest.mark.parametrize("peft", ["mapper", "lora"])
-def test_checkpointing_frozen_blocks_gives_the_same_step(peft):
+CHECKPOINTING_CASES = [
+    ("mapper", "true", []), ("lora", "true", []), ("mapper", "all", []), ("mapper", "all", ["model.mode=official"]),
+]
+
+
+@pytest.mark.parametrize(("peft", "checkpointing", "extra"), CHECKPOINTING_CASES)
+def test_checkpointing_gives_the_same_step(peft, checkpointing, extra):
     from tests.test_checkpoints import module_for
 
-    def step(checkpointing: bool):
+    def step(checkpointing: str):
         overrides = ["peft.rank=4"] if peft == "mapper" else []
-        module = module_for(peft, *overrides, f"model.checkpointing={str(checkpointing).lower()}")
+        module = module_for(peft, *overrides, *extra, f"model.checkpointing={checkpointing}")
+        for layer in module.model.fusion.layers:  # dropout masks must repeat in the recompute
+            layer.self_attn.dropout = 0.2
+            layer.dropout.p = layer.dropout1.p = layer.dropout2.p = 0.2
         module.model.train()
-        calls = []
-        module.model.vision.blocks[2].attn.register_forward_hook(lambda *_: calls.append(1))
+        calls = {2: [], 3: []}
+        for index, seen in calls.items():
+            module.model.vision.blocks[index].attn.register_forward_hook(lambda *_, seen=seen: seen.append(1))
+        torch.manual_seed(5)
         loss = module.loss(module(inputs()).boxes, torch.tensor([[0.5, 0.5, 0.2, 0.3]] * B))["loss"]
         loss.backward()
         grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
         buffers = {n: b.clone() for n, b in module.model.named_buffers()}
-        return module.model.checkpointed_blocks, loss.detach(), grads, buffers, len(calls)
+        return module.model.checkpointed_blocks, loss.detach(), grads, buffers, {i: len(c) for i, c in calls.items()}
 
-    plain_blocks, plain_loss, plain_grads, plain_buffers, plain_calls = step(False)
-    blocks, loss, grads, buffers, calls = step(True)
-    assert (plain_calls, calls) == (1, 2)  # block 2 ran again in backward instead of keeping its activations
+    plain_blocks, plain_loss, plain_grads, plain_buffers, plain_calls = step("false")
+    blocks, loss, grads, buffers, calls = step(checkpointing)
     # TINY_MODEL adapts blocks 1 and 3 of each backbone: block 2 is frozen and gradients pass through it
-    assert plain_blocks == [] and {"vision.2", "text.2"} <= set(blocks)
-    assert not {"vision.1", "vision.3", "text.1", "text.3"} & set(blocks)
+    assert plain_blocks == [] and plain_calls == {2: 1, 3: 1}
+    if checkpointing == "all":  # every block, the adapted ones (LoCA with BatchNorm, DyPA) and the fusion too
+        assert calls == {2: 2, 3: 2} and {"vision.3", "text.1", "text.3", "fusion.0", "fusion.1"} <= set(blocks)
+    else:
+        assert calls == {2: 2, 3: 1} and {"vision.2", "text.2"} <= set(blocks)
+        assert not {"vision.1", "vision.3", "text.1", "text.3", "fusion.0"} & set(blocks)
     assert torch.equal(loss, plain_loss) and grads.keys() == plain_grads.keys()
     assert all(torch.allclose(grads[n], plain_grads[n], atol=1e-6, rtol=1e-5) for n in grads)
     assert all(torch.equal(buffers[n], plain_buffers[n]) for n in buffers)  # BatchNorm stats updated once
+
+
+def test_checkpointing_refuses_unknown_modes():
+    from src.models.checkpointing import checkpointing_mode
+
+    assert [checkpointing_mode(v) for v in (False, None, True, "frozen", "all")] == [None, None, "frozen", "frozen", "all"]
+    with pytest.raises(ValueError, match="frozen"):
+        checkpointing_mode("everything")

@@ -1,37 +1,94 @@
-"""Activation checkpointing of the frozen backbone blocks (`model.checkpointing=true`).
+"""Activation checkpointing (`model.checkpointing`): blocks whose activations are recomputed in backward.
 
-A block with no trainable parameter of its own stores no activations for backward: its forward is
-recomputed when the gradient passes through it. Blocks that hold trainable modules are left alone: a
-LoCA BatchNorm would update its running statistics twice, and DyPA reads the CLIP prior from a slot
-that is only filled during the forward pass. State-dict keys do not change.
+`frozen` (or `true`) checkpoints the backbone blocks without trainable parameters; `all` also the
+adapted backbone blocks and the fusion layers. A recompute must see what the first forward saw and
+leave no trace: the CLIP prior that DyPA reads from its slot is captured at forward time and put back
+for the recompute, and the running statistics of BatchNorm layers inside the block (LoCA's) are
+restored after it, so that they are updated once per step as without checkpointing. Dropout masks
+repeat because checkpointing restores the RNG state. State-dict keys do not change.
 """
 
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
+
+from src.models.encoders import ConditionSlot
+
+MODES = ("frozen", "all")
+
+
+def checkpointing_mode(value: bool | str | None) -> str | None:
+    """The configured `model.checkpointing` as None (off), "frozen" or "all"."""
+    if value in (None, False, "none", "false"):
+        return None
+    if value is True or value == "true":
+        return "frozen"
+    if value in MODES:
+        return str(value)
+    raise ValueError(f"model.checkpointing must be false, frozen (= true) or all, got {value!r}")
+
+
+class RecomputeState:
+    """Per checkpointed call: what the forward saw (slot values), replayed and cleaned up at recompute."""
+
+    def __init__(self, block: nn.Module, slots: Sequence[ConditionSlot]) -> None:
+        self.block, self.slots = block, slots
+        self.seen: list[torch.Tensor | None] = []
+
+    @contextmanager
+    def forward(self) -> Iterator[None]:
+        self.seen = [slot.value for slot in self.slots]
+        yield
+
+    @contextmanager
+    def recompute(self) -> Iterator[None]:
+        before = [slot.value for slot in self.slots]
+        statistics = [(b, b.clone()) for m in self.block.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
+        for slot, value in zip(self.slots, self.seen, strict=True):
+            slot.value = value
+        try:
+            yield
+        finally:
+            for slot, value in zip(self.slots, before, strict=True):
+                slot.value = value
+            with torch.no_grad():
+                for buffer, saved in statistics:
+                    buffer.copy_(saved)
+
+    def contexts(self) -> tuple[Any, Any]:
+        return self.forward(), self.recompute()
 
 
 def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The block's own forward, through non-reentrant checkpointing while gradients are recorded (the
-    block's own `training` flag is off: frozen backbones run in eval mode)."""
+    """The block's own forward, through non-reentrant checkpointing while gradients are recorded."""
     forward = type(self).forward
-    if torch.is_grad_enabled():
-        return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
-    return forward(self, *args, **kwargs)
+    if not torch.is_grad_enabled():
+        return forward(self, *args, **kwargs)
+    state = RecomputeState(self, self.checkpoint_slots)
+    return checkpoint(forward, self, *args, use_reentrant=False, context_fn=state.contexts, **kwargs)
 
 
-def checkpoint_frozen_blocks(blocks: dict[str, nn.ModuleList]) -> list[str]:
-    """Checkpoint every block without trainable parameters; returns their names (`<backbone>.<index>`)."""
+def checkpoint_blocks(
+    blocks: dict[str, Sequence[nn.Module]], mode: str, slots: Sequence[ConditionSlot] = ()
+) -> list[str]:
+    """Checkpoint the chosen blocks (`frozen`: only those without trainable parameters); their names."""
+    if mode not in MODES:
+        raise ValueError(f"checkpointing mode must be one of {MODES}, got {mode!r}")
     chosen = []
-    for backbone, modules in blocks.items():
+    for name, modules in blocks.items():
         for index, block in enumerate(modules):
-            if any(p.requires_grad for p in block.parameters()):
+            if mode == "frozen" and any(p.requires_grad for p in block.parameters()):
                 continue
+            block.checkpoint_slots = list(slots)
             block.forward = types.MethodType(_checkpointed_forward, block)  # bound: survives deepcopy
-            chosen.append(f"{backbone}.{index}")
+            chosen.append(f"{name}.{index}")
     return chosen
+

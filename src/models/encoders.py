@@ -18,6 +18,8 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
 from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection
 
+from src.models.prior_cache import PriorCache
+
 
 @dataclass
 class VisionSettings:
@@ -178,11 +180,17 @@ class ConditionSlot:
 class TextPrior(nn.Module):
     """Frozen CLIP text tower: per-token features after the final LayerNorm, projected (B, L, P)."""
 
-    def __init__(self, clip: CLIPTextModelWithProjection, use_padding_mask: bool = True, fp16: bool = False) -> None:
+    def __init__(
+        self, clip: CLIPTextModelWithProjection, use_padding_mask: bool = True, fp16: bool = False, cache_size: int = 0,
+    ) -> None:
         super().__init__()
         self.clip = clip
         self.use_padding_mask = use_padding_mask
         self.fp16 = fp16  # fp16 autocast on CUDA, as the official GPU run (the prior_fp16 quirk)
+        # the prior of recently seen phrases (model.prior_cache entries; 0 = none), cleared when weights load
+        self.cache = PriorCache(cache_size) if cache_size else None
+        if self.cache is not None:
+            self.register_load_state_dict_post_hook(lambda module, _keys: module.cache.clear())
 
     @property
     def dim(self) -> int:
@@ -193,6 +201,11 @@ class TextPrior(nn.Module):
         if ids.shape[1] > limit:
             raise ValueError(f"query length {ids.shape[1]} exceeds CLIP's {limit} positions")
         attention_mask = mask if self.use_padding_mask else None
+        if self.cache is not None:
+            return self.cache(ids, attention_mask, self._compute)
+        return self._compute(ids, attention_mask)
+
+    def _compute(self, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         half = self.fp16 and ids.is_cuda
         with torch.autocast("cuda", dtype=torch.float16) if half else nullcontext():
             hidden = self.clip.text_model(input_ids=ids, attention_mask=attention_mask).last_hidden_state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.models.checkpointing import checkpoint_frozen_blocks
+from src.models.checkpointing import checkpoint_blocks, checkpointing_mode
 from src.models.encoders import (
     PriorSettings,
     TextEncoder,
@@ -79,10 +80,12 @@ class Grounder(nn.Module):
         # The backbones' own modules, and whether each is in the text encoder (not those a PEFT method
         # brings, e.g. LoRA's: they keep training mode). Held as objects: injection renames modules.
         self.backbone_modules: list[tuple[nn.Module, bool]] = []
-        # Frozen backbone blocks whose activations are recomputed in backward (model.checkpointing).
+        # Blocks whose activations are recomputed in backward (model.checkpointing).
         self.checkpointed_blocks: list[str] = []
         # The backbone architectures this model was built from (for the parameter report).
         self.reference: BackboneReference | None = None
+        # Frozen backbone weights stored in bf16 (model.frozen_bf16): the backbones then run under bf16 autocast.
+        self.frozen_bf16 = False
 
     # --- PeftTarget -------------------------------------------------------------------------------
     @property
@@ -143,12 +146,15 @@ class Grounder(nn.Module):
     ) -> GrounderOutput:
         if text_ids.shape[1] != self.max_query_len:
             raise ValueError(f"text length {text_ids.shape[1]} != model.max_query_len {self.max_query_len}")
-        visual = self.vision(image)
-        prior = self._prior(text_ids, text_mask, prior_ids, prior_mask)
-        text = self.text(text_ids, text_mask, condition=prior)
-        bert_out = text
-        if self.text_merge is not None:
-            text = self.text_merge(text, prior)
+        with torch.autocast(image.device.type, dtype=torch.bfloat16) if self.frozen_bf16 else nullcontext():
+            visual = self.vision(image)
+            prior = self._prior(text_ids, text_mask, prior_ids, prior_mask)
+            text = self.text(text_ids, text_mask, condition=prior)
+            bert_out = text
+            if self.text_merge is not None:
+                text = self.text_merge(text, prior)
+        if self.frozen_bf16:  # the projections' fp32 weights take fp32 input outside an autocast region
+            visual, text = visual.float(), text.float()
         b = image.shape[0]
         tokens = torch.cat(
             [self.reg_token.weight.expand(b, -1, -1), self.text_proj(text), self.visu_proj(visual)], dim=1
@@ -178,6 +184,18 @@ class Grounder(nn.Module):
         with torch.no_grad():  # the prior is frozen and nothing trainable feeds it
             return self.prior(ids, mask).float()
 
+    def store_frozen_weights_in_bf16(self) -> int:
+        """Keep every frozen floating-point backbone parameter in bf16 (half the memory, no per-forward cast
+        under autocast); trainable parameters and all buffers stay as they are. Returns the count cast."""
+        count = 0
+        for backbone in (self.vision, self.text, self.prior):
+            for p in backbone.parameters() if backbone is not None else ():
+                if not p.requires_grad and p.is_floating_point():
+                    p.data = p.data.to(torch.bfloat16)
+                    count += p.numel()
+        self.frozen_bf16 = True
+        return count
+
     # --- bookkeeping ------------------------------------------------------------------------------
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by role: inside the vision backbone, inside the text backbone, the rest."""
@@ -202,14 +220,20 @@ def build_grounder(
     fusion: dict[str, Any] | None = None,
     adapter_layers: dict[str, Sequence[int]] | None = None,
     quirks: dict[str, bool | None] | None = None,
-    checkpointing: bool = False,
+    checkpointing: bool | str | None = False,
+    frozen_bf16: bool = False,
+    prior_cache: int = 0,
+    compile: bool = False,
 ) -> Grounder:
     """Build the grounder from plain settings (what Hydra passes) and apply the PEFT method.
 
     `pretrained=False` builds every backbone from its architecture settings with random weights and
     touches no network; `adapter_layers` is the default placement for methods that leave theirs unset;
-    `quirks` sets single official quirks against the mode's defaults; `checkpointing` recomputes the
-    frozen backbone blocks' activations in backward instead of storing them (src/models/checkpointing.py).
+    `quirks` sets single official quirks against the mode's defaults; `checkpointing` (false, frozen = true, all)
+    recomputes blocks' activations in backward instead of storing them (src/models/checkpointing.py);
+    `frozen_bf16` stores the frozen backbone weights in bf16 and runs the backbones under bf16 autocast;
+    `prior_cache` keeps the CLIP prior of that many recent phrases (src/models/prior_cache.py);
+    `compile` compiles the grounder's forward with torch.compile (in place: state-dict keys unchanged).
     """
     quirks = ModelQuirks.resolve(mode, quirks)
     vs, ts, ps = VisionSettings(**(vision or {})), TextSettings(**(text or {})), PriorSettings(**(prior or {}))
@@ -220,13 +244,21 @@ def build_grounder(
     clip = None
     if peft.uses_prior:
         clip = TextPrior(build_clip_text(ps, pretrained, random_blocks=quirks.prior_random_blocks),
-                         use_padding_mask=not quirks.prior_from_bert_ids, fp16=quirks.prior_fp16)
+                         use_padding_mask=not quirks.prior_from_bert_ids, fp16=quirks.prior_fp16, cache_size=prior_cache)
     model = Grounder(
         VisionEncoder(vit), TextEncoder(bert), clip,
         FusionSettings(**(fusion or {})), max_query_len, quirks, adapter_layers,
     )
     model.reference = BackboneReference(vs, ts, image_size)
     model.apply_peft(peft)
-    if checkpointing:
-        model.checkpointed_blocks = checkpoint_frozen_blocks({"vision": model.vision.blocks, "text": model.text.layers})
+    if frozen_bf16:
+        model.store_frozen_weights_in_bf16()
+    chosen = checkpointing_mode(checkpointing)
+    if chosen:
+        blocks = {"vision": model.vision.blocks, "text": model.text.layers}
+        if chosen == "all":
+            blocks["fusion"] = model.fusion.layers
+        model.checkpointed_blocks = checkpoint_blocks(blocks, chosen, slots=[model.text.condition])
+    if compile:
+        model.compile()
     return model
