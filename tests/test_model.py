@@ -311,6 +311,7 @@ def test_checkpointing_gives_the_same_step(peft, checkpointing, extra):
 def test_checkpointing_refuses_unknown_modes():
     from src.models.checkpointing import checkpointing_mode
 
-    assert [checkpointing_mode(v) for v in (False, None, True, "frozen", "all")] == [None, None, "frozen", "frozen", "all"]
+    values = (False, None, True, "frozen", "all")
+    assert [checkpointing_mode(v) for v in values] == [None, None, "frozen", "frozen", "all"]
     with pytest.raises(ValueError, match="frozen"):
         checkpointing_mode("everything")

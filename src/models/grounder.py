@@ -244,7 +244,8 @@ def build_grounder(
     clip = None
     if peft.uses_prior:
         clip = TextPrior(build_clip_text(ps, pretrained, random_blocks=quirks.prior_random_blocks),
-                         use_padding_mask=not quirks.prior_from_bert_ids, fp16=quirks.prior_fp16, cache_size=prior_cache)
+                         use_padding_mask=not quirks.prior_from_bert_ids, fp16=quirks.prior_fp16,
+                         cache_size=prior_cache)
     model = Grounder(
         VisionEncoder(vit), TextEncoder(bert), clip,
         FusionSettings(**(fusion or {})), max_query_len, quirks, adapter_layers,

@@ -34,7 +34,8 @@ class PriorCache:
         """The prior of every row of `ids`: cached rows read back, the others computed in one batch."""
         context = _context(ids.device)
         masks = mask.tolist() if mask is not None else [None] * ids.shape[0]
-        keys = [(context, tuple(row), None if m is None else tuple(m)) for row, m in zip(ids.tolist(), masks, strict=True)]
+        rows = zip(ids.tolist(), masks, strict=True)
+        keys = [(context, tuple(row), None if m is None else tuple(m)) for row, m in rows]
         first_missing: dict[Hashable, int] = {}
         for i, key in enumerate(keys):
             if key not in self.rows and key not in first_missing:
