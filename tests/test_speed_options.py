@@ -105,3 +105,64 @@ def test_compile_option_trains_the_same_model():
     assert torch.allclose(loss, compiled_loss, atol=1e-5)
     assert all(torch.allclose(grads[n], compiled_grads[n], atol=1e-5) for n in grads)
     assert compiled.model.state_dict().keys() == plain.model.state_dict().keys()
+
+
+def reference_attention(q, k, v, bias, p, drop):
+    """The plain formula with a given drop mask: what the blockwise function must equal."""
+    probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias).softmax(-1)
+    return (probs * ~drop / (1 - p)) @ v
+
+
+@pytest.mark.parametrize(("n", "block", "mask_kind"), [(37, 8, "bool"), (37, 64, "float"), (16, 5, "none")])
+def test_blockwise_dropout_attention_equals_the_formula_with_the_same_mask(n, block, mask_kind):
+    from src.models.dropout_attention import drop_mask, dropout_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    padded = torch.zeros(2, n, dtype=torch.bool)
+    padded[1, n // 2 :] = True
+    bias = torch.zeros(2, 1, 1, n, dtype=torch.float64)
+    if mask_kind == "bool":
+        bias = bias.masked_fill(padded[:, None, None], float("-inf"))
+    elif mask_kind == "float":  # the official +1 on padded keys' logits
+        bias = padded[:, None, None].double()
+    drop = drop_mask((2, 3, n, n), 0.3, q.device)
+    out = dropout_attention(q, k, v, bias, 0.3, block=block, drop=drop)
+    expected = reference_attention(q, k, v, bias, 0.3, drop)
+    assert torch.allclose(out, expected, atol=1e-10)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(expected, (q, k, v), grad)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(got, want, strict=True))
+
+
+def test_drop_mask_drops_each_weight_with_probability_p():
+    from src.models.dropout_attention import drop_mask, dropout_attention
+
+    torch.manual_seed(0)
+    assert abs(drop_mask((1000, 1000), 0.1, torch.device("cpu")).float().mean().item() - 0.1) < 2e-3
+    assert abs(drop_mask((1000, 1000), 0.5, torch.device("cpu")).float().mean().item() - 0.5) < 2e-3
+    q = torch.randn(1, 1, 4, 2)
+    with pytest.raises(ValueError, match="0 < p < 1"):
+        dropout_attention(q, q, q, torch.zeros(1, 1, 1, 4), 0.0)
+
+
+def test_fusion_layer_trains_with_blockwise_dropout_attention_on_cpu():
+    """Dropout draws differ from PyTorch's, so the layer is compared with itself: expectation over masks."""
+    from src.models.fusion import FusionLayer
+
+    torch.manual_seed(0)
+    layer = FusionLayer(32, 4, 64, dropout=0.2)
+    x, pos = torch.randn(2, 30, 32), torch.randn(1, 30, 32)
+    padding = torch.zeros(2, 30, dtype=torch.bool)
+    padding[0, 20:] = True
+    layer.eval()
+    plain = layer.attend(x + pos, x, padding)
+    layer.train()
+    draws = torch.stack([layer.attend(x + pos, x, padding) for _ in range(400)])
+    assert not torch.equal(draws[0], draws[1])  # dropout is on
+    assert torch.allclose(draws.mean(0), plain, atol=0.02)  # unbiased: the mean over masks is the plain output
+    torch.manual_seed(3)
+    first = layer.attend(x + pos, x, padding)
+    torch.manual_seed(3)
+    assert torch.equal(first, layer.attend(x + pos, x, padding))  # masks come from the default generator
