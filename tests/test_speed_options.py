@@ -82,8 +82,9 @@ def test_prior_cache_reads_back_what_it_computed():
 
 
 def test_prior_cache_changes_no_training_step_and_clears_when_weights_load():
-    plain, cached = module_for("mapper", *METHODS["mapper"]), module_for("mapper", *METHODS["mapper"],
-                                                                        "model.prior_cache=16")
+    plain = module_for("mapper", *METHODS["mapper"], "model.prior_cache=0")
+    cached = module_for("mapper", *METHODS["mapper"], "model.prior_cache=16")
+    assert plain.model.prior.cache is None
     cache = cached.model.prior.cache
     for _ in range(2):  # the second step reads every prior from the cache
         for module in (plain, cached):
@@ -166,3 +167,14 @@ def test_fusion_layer_trains_with_blockwise_dropout_attention_on_cpu():
     first = layer.attend(x + pos, x, padding)
     torch.manual_seed(3)
     assert torch.equal(first, layer.attend(x + pos, x, padding))  # masks come from the default generator
+
+
+def test_cpu_dropout_is_unbiased_and_drops_p():
+    from src.models.dropout_attention import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(500, 400)
+    out = dropout(x, 0.1, training=True)
+    assert abs((out == 0).float().mean().item() - 0.1) < 3e-3 and abs(out.mean().item() - 1) < 0.01
+    assert torch.equal(out.unique(), torch.tensor([0.0, 1 / 0.9]))
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x

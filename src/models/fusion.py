@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.models.dropout_attention import dropout_attention
+from src.models.dropout_attention import dropout, dropout_attention
 
 
 class FusionLayer(nn.Module):
@@ -52,9 +52,9 @@ class FusionLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
         attended = self.attend(x + pos, x, key_padding_mask)
-        x = self.norm1(x + self.dropout1(attended))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(x))))
-        return self.norm2(x + self.dropout2(ffn))
+        x = self.norm1(x + dropout(attended, self.dropout1.p, self.training))
+        ffn = self.linear2(dropout(F.relu(self.linear1(x)), self.dropout.p, self.training))
+        return self.norm2(x + dropout(ffn, self.dropout2.p, self.training))
 
 
 class FusionEncoder(nn.Module):
