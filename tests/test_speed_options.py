@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -96,6 +98,9 @@ def test_prior_cache_changes_no_training_step_and_clears_when_weights_load():
     assert (cache.misses, cache.hits) == (B, B) and len(cache.rows) == B
     cached.model.load_state_dict(plain.model.state_dict())
     assert len(cache.rows) == 0
+    restored = pickle.loads(pickle.dumps(cached.model))  # ddp_spawn pickles the model: the cache hook must allow it
+    restored(**inputs())
+    assert len(restored.prior.cache.rows) == B
 
 
 @pytest.mark.slow  # inductor compiles C++ on the first step: about a minute on 2 cores with a cold cache

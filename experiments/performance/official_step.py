@@ -42,8 +42,9 @@ torch 2.x, transformers 5.x, timm 1.x). No official file is edited; all shims li
    * `ftfy` (`fix_text` = identity): imported by the CLIP tokenizer, which the model never calls.
 2. transformers 5 compatibility, injected before `med.py` is imported / used:
    * `transformers.modeling_utils.apply_chunking_to_forward`, `prune_linear_layer` (moved to
-     `transformers.pytorch_utils`) and `find_pruneable_heads_and_indices` (removed; the v4 code is
-     reproduced here). Only `apply_chunking_to_forward` is called (with chunk size 0 = plain call).
+     `transformers.pytorch_utils`) and `find_pruneable_heads_and_indices` (removed in v5; a stub that
+     refuses to run: MaPPER never prunes heads). Only `apply_chunking_to_forward` is called (with chunk
+     size 0 = a plain call).
    * `med.BertPreTrainedModel.init_weights` (only with transformers >= 5): the official `BertModel.__init__`
      calls the legacy `self.init_weights()`, which in v5 needs attributes that `post_init()` sets
      (`all_tied_weights_keys`); the shim runs `post_init()` first, which then calls the stock
@@ -170,20 +171,12 @@ def working_directory(path: Path) -> Iterator[None]:
 
 def install_transformers_shims() -> list[str]:
     """Put the helpers removed from `transformers.modeling_utils` in v5 back; the names injected."""
-    import torch
     import transformers.modeling_utils as modeling_utils
     import transformers.pytorch_utils as pytorch_utils
 
-    def find_pruneable_heads_and_indices(heads: Any, n_heads: int, head_size: int,
-                                         already_pruned_heads: set[int]) -> tuple[set[int], torch.Tensor]:
-        """transformers 4.x implementation (removed in 5)."""
-        mask = torch.ones(n_heads, head_size)
-        heads = set(heads) - already_pruned_heads
-        for head in heads:
-            head = head - sum(1 if h < head else 0 for h in already_pruned_heads)
-            mask[head] = 0
-        mask = mask.view(-1).contiguous().eq(1)
-        return heads, torch.arange(len(mask))[mask].long()
+    def find_pruneable_heads_and_indices(*_args: Any, **_kwargs: Any) -> Any:
+        """Imported by med.py for head pruning, which MaPPER never does: refuses if it is ever called."""
+        raise NotImplementedError("head pruning is not supported by this measurement harness")
 
     injected = []
     replacements = {"apply_chunking_to_forward": getattr(pytorch_utils, "apply_chunking_to_forward", None),

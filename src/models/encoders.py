@@ -190,7 +190,7 @@ class TextPrior(nn.Module):
         # the prior of recently seen phrases (model.prior_cache entries; 0 = none), cleared when weights load
         self.cache = PriorCache(cache_size) if cache_size else None
         if self.cache is not None:
-            self.register_load_state_dict_post_hook(lambda module, _keys: module.cache.clear())
+            self.register_load_state_dict_post_hook(_clear_prior_cache)  # a function: the module stays picklable
 
     @property
     def dim(self) -> int:
@@ -210,6 +210,11 @@ class TextPrior(nn.Module):
         with torch.autocast("cuda", dtype=torch.float16) if half else nullcontext():
             hidden = self.clip.text_model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
             return self.clip.text_projection(hidden)
+
+
+def _clear_prior_cache(module: TextPrior, _incompatible_keys: Any) -> None:
+    """After new weights load, no cached prior is valid."""
+    module.cache.clear()
 
 
 def build_vit(settings: VisionSettings, image_size: int, pretrained: bool, drop_registers: bool) -> nn.Module:

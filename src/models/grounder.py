@@ -184,17 +184,14 @@ class Grounder(nn.Module):
         with torch.no_grad():  # the prior is frozen and nothing trainable feeds it
             return self.prior(ids, mask).float()
 
-    def store_frozen_weights_in_bf16(self) -> int:
+    def store_frozen_weights_in_bf16(self) -> None:
         """Keep every frozen floating-point backbone parameter in bf16 (half the memory, no per-forward cast
-        under autocast); trainable parameters and all buffers stay as they are. Returns the count cast."""
-        count = 0
+        under autocast); trainable parameters and all buffers stay as they are."""
         for backbone in (self.vision, self.text, self.prior):
             for p in backbone.parameters() if backbone is not None else ():
                 if not p.requires_grad and p.is_floating_point():
                     p.data = p.data.to(torch.bfloat16)
-                    count += p.numel()
         self.frozen_bf16 = True
-        return count
 
     # --- bookkeeping ------------------------------------------------------------------------------
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -229,8 +226,8 @@ def build_grounder(
 
     `pretrained=False` builds every backbone from its architecture settings with random weights and
     touches no network; `adapter_layers` is the default placement for methods that leave theirs unset;
-    `quirks` sets single official quirks against the mode's defaults; `checkpointing` (false, frozen = true, all)
-    recomputes blocks' activations in backward instead of storing them (src/models/checkpointing.py);
+    `quirks` sets single official quirks against the mode's defaults; `checkpointing` (false, frozen = true,
+    all) recomputes blocks' activations in backward instead of storing them (src/models/checkpointing.py);
     `frozen_bf16` stores the frozen backbone weights in bf16 and runs the backbones under bf16 autocast;
     `prior_cache` keeps the CLIP prior of that many recent phrases (src/models/prior_cache.py);
     `compile` compiles the grounder's forward with torch.compile (in place: state-dict keys unchanged).
