@@ -183,3 +183,19 @@ def test_cpu_dropout_is_unbiased_and_drops_p():
     assert abs((out == 0).float().mean().item() - 0.1) < 3e-3 and abs(out.mean().item() - 1) < 0.01
     assert torch.equal(out.unique(), torch.tensor([0.0, 1 / 0.9]))
     assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x
+
+
+def test_blockwise_dropout_attention_in_bf16_stays_close_to_fp32():
+    """Under bf16 autocast the fusion passes bf16 q, k, v: softmax and sums still run in fp32."""
+    from src.models.dropout_attention import drop_mask, dropout_attention
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 40, 8, generator=g) for _ in range(3))
+    bias = torch.zeros(2, 1, 1, 40).masked_fill(torch.arange(40) >= 30, float("-inf"))
+    drop = drop_mask((2, 2, 40, 40), 0.1, q.device)
+    halves = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    out = dropout_attention(*halves, bias, 0.1, block=16, drop=drop)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), reference_attention(q, k, v, bias, 0.1, drop), atol=0.05)
+    out.float().sum().backward()
+    assert all(t.grad.dtype == torch.bfloat16 and torch.isfinite(t.grad.float()).all() for t in halves)
