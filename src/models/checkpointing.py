@@ -77,15 +77,13 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 def checkpoint_blocks(
-    blocks: dict[str, Sequence[nn.Module]], mode: str, slots: Sequence[ConditionSlot] = ()
+    blocks: dict[str, Sequence[nn.Module]], only_frozen: bool, slots: Sequence[ConditionSlot] = ()
 ) -> list[str]:
-    """Checkpoint the chosen blocks (`frozen`: only those without trainable parameters); their names."""
-    if mode not in MODES:
-        raise ValueError(f"checkpointing mode must be one of {MODES}, got {mode!r}")
+    """Checkpoint the blocks (with `only_frozen`, those without trainable parameters); their names."""
     chosen = []
     for name, modules in blocks.items():
         for index, block in enumerate(modules):
-            if mode == "frozen" and any(p.requires_grad for p in block.parameters()):
+            if only_frozen and any(p.requires_grad for p in block.parameters()):
                 continue
             block.checkpoint_slots = list(slots)
             block.forward = types.MethodType(_checkpointed_forward, block)  # bound: survives deepcopy

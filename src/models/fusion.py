@@ -36,18 +36,18 @@ class FusionLayer(nn.Module):
         q, k = F.linear(qk, attn.in_proj_weight[: 2 * d], attn.in_proj_bias[: 2 * d]).chunk(2, dim=-1)
         v = F.linear(x, attn.in_proj_weight[2 * d :], attn.in_proj_bias[2 * d :])
         q, k, v = (t.view(b, n, heads, d // heads).transpose(1, 2) for t in (q, k, v))
-        dropout = attn.dropout if self.training else 0.0
-        if dropout and q.device.type == "cpu":  # fused CPU attention has no dropout: blockwise instead
+        p = attn.dropout if self.training else 0.0  # not `dropout`: that is the module-level function
+        if p and q.device.type == "cpu":  # fused CPU attention has no dropout: blockwise instead
             bias = key_padding_mask[:, None, None, :].float()
             if key_padding_mask.dtype == torch.bool:
                 bias = torch.zeros_like(bias).masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
-            out = dropout_attention(q, k, v, bias, dropout)
+            out = dropout_attention(q, k, v, bias, p)
         else:
             if key_padding_mask.dtype == torch.bool:
                 mask = ~key_padding_mask[:, None, None, :]  # True = attend
             else:  # a float mask is added to the logits, as nn.MultiheadAttention does
                 mask = key_padding_mask[:, None, None, :].to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return attn.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:

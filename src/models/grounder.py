@@ -256,7 +256,7 @@ def build_grounder(
         blocks = {"vision": model.vision.blocks, "text": model.text.layers}
         if chosen == "all":
             blocks["fusion"] = model.fusion.layers
-        model.checkpointed_blocks = checkpoint_blocks(blocks, chosen, slots=[model.text.condition])
+        model.checkpointed_blocks = checkpoint_blocks(blocks, chosen == "frozen", slots=[model.text.condition])
     if compile:
         model.compile()
     return model
