@@ -29,7 +29,7 @@ from src.losses import GroundingLoss
 from src.metrics import GroundingAccuracy
 from src.models.grounder import Grounder, GrounderOutput
 
-MODEL_INPUTS = ("image", "pixel_mask", "text_ids", "text_mask", "prior_ids", "prior_mask")
+MODEL_INPUTS = ("image", "pixel_mask", "text_ids", "text_mask", "prior_ids", "prior_mask", "image_key")
 
 
 def rng_states() -> dict[str, Any]:

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from src.data.synthetic import COLOURS, SHAPES, split_path
+from src.data.synthetic import COLOURS, SHAPES, record_attributes, split_path
 from src.data.transforms import EvalTransform
 from src.models.encoders import VisionSettings, build_vit
 from src.weights_cache import cached_state_dict
@@ -72,11 +72,13 @@ def patch_targets(root: Path, vit: nn.Module, image_size: int) -> tuple[torch.Te
     """
     records = torch.load(split_path(root, "train"), weights_only=True)
     scenes: dict[str, list[dict[str, Any]]] = {}
-    for image_file, _, _, _, attributes in records:
-        scenes.setdefault(image_file, attributes["scene"]["objects"])
+    for record in records:
+        if record[0] not in scenes:
+            scenes[record[0]] = record_attributes(record)["scene"]["objects"]
     transform = EvalTransform(image_size)
     gh, gw = vit.patch_embed.grid_size
     patch = image_size / gw
+    column_centres, row_centres = [(j + 0.5) * patch for j in range(gw)], [(i + 0.5) * patch for i in range(gh)]
     images, colours, shapes, boxes, has_box = [], [], [], [], []
     for image_file in sorted(scenes):
         objects = scenes[image_file]
@@ -86,18 +88,16 @@ def patch_targets(root: Path, vit: nn.Module, image_size: int) -> tuple[torch.Te
         colour = torch.zeros(gh * gw, dtype=torch.long)
         shape = torch.zeros(gh * gw, dtype=torch.long)
         box = torch.zeros(gh * gw, 4)
-        for obj in objects:
+        for obj in objects:  # later objects paint over earlier ones
             x1, y1, x2, y2 = obj["box"]
             x1, x2, y1, y2 = x1 * sx + ox, x2 * sx + ox, y1 * sy + oy, y2 * sy + oy
-            cells = {
-                i * gw + j for i in range(gh) for j in range(gw)
-                if x1 <= (j + 0.5) * patch <= x2 and y1 <= (i + 0.5) * patch <= y2
-            }
-            cells.add(min(int((y1 + y2) / 2 / patch), gh - 1) * gw + min(int((x1 + x2) / 2 / patch), gw - 1))
-            for c in cells:
-                colour[c] = 1 + list(COLOURS).index(obj["colour"])
-                shape[c] = 1 + SHAPES.index(obj["shape"])
-                box[c] = torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]) / image_size
+            rows = torch.tensor([y1 <= c <= y2 for c in row_centres])
+            cols = torch.tensor([x1 <= c <= x2 for c in column_centres])
+            cells = (rows[:, None] & cols[None, :]).flatten()
+            cells[min(int((y1 + y2) / 2 / patch), gh - 1) * gw + min(int((x1 + x2) / 2 / patch), gw - 1)] = True
+            colour[cells] = 1 + list(COLOURS).index(obj["colour"])
+            shape[cells] = 1 + SHAPES.index(obj["shape"])
+            box[cells] = torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]) / image_size
         images.append(t.image)
         colours.append(colour)
         shapes.append(shape)

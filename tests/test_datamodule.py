@@ -149,6 +149,30 @@ def test_shuffled_text_loader_deranges_phrases_and_keeps_boxes(root: Path) -> No
     assert shuffled["phrase"] == again["phrase"]
 
 
+def test_shuffled_text_from_cached_samples_equals_the_computed_one(root: Path) -> None:
+    """With cached eval samples the shuffled-text loader reuses their images; the batch must not change."""
+    computed = make_dm(root, batch_size=8)
+    cached = make_dm(root, batch_size=8, cache_samples=True)
+    cached.setup("validate")
+    assert isinstance(cached.datasets["val"], CachedSamples)
+    loader = cached.shuffled_text_dataloader("val")
+    assert isinstance(loader.dataset, CachedSamples)  # derived, not computed again
+    a, b = next(iter(computed.shuffled_text_dataloader("val"))), next(iter(loader))
+    for key in ("image", "pixel_mask", "text_ids", "text_mask", "prior_ids", "prior_mask", "box", "index"):
+        assert torch.equal(a[key], b[key]), key
+    assert a["phrase"] == b["phrase"] and a["image_file"] == b["image_file"]
+    plain = next(iter(cached.val_dataloader()))
+    assert plain["phrase"] != b["phrase"]  # the cached plain samples are untouched
+
+
+def test_tokens_are_remembered_per_phrase(root: Path) -> None:
+    dataset = make_dm(root).make_dataset("val", train=False)
+    first = dataset[0]
+    assert dataset.tokens(first["phrase"])[0] is first["text_ids"]  # read back, not tokenised again
+    ids, mask = dataset.bert_tok([first["phrase"]], dataset.max_query_len)
+    assert torch.equal(first["text_ids"], ids[0]) and torch.equal(first["text_mask"], mask[0])
+
+
 def test_derangement_has_no_fixed_points() -> None:
     for n in (2, 3, 10, 101):
         for seed in range(3):

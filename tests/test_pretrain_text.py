@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from src.data.synthetic import ensure_synthetic, split_path
+from src.data.synthetic import ensure_synthetic, record_attributes, split_path
 from src.data.tokenizers import bert_tokenizer, clip_tokenizer
 from src.models.encoders import PriorSettings, TextSettings, build_bert, build_clip_text
 from src.pretrain_text import (
@@ -48,7 +48,7 @@ def test_phrase_labels_index_each_field_of_each_phrase(tmp_path: Path):
     assert phrases == [r[3] for r in records]
     assert labels.shape == (len(records), len(vocab))
     for row, record in zip(labels.tolist(), records, strict=True):
-        fields = expression_fields(record[4]["expression"])
+        fields = expression_fields(record_attributes(record)["expression"])
         decoded = {name: values[k] for (name, values), k in zip(vocab.items(), row, strict=True)}
         assert decoded == {name: fields.get(name, "") for name in vocab}
         colour = decoded["np.colour"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from src.data.synthetic import COLOURS, SHAPES, ensure_synthetic, split_path
+from src.data.synthetic import COLOURS, SHAPES, ensure_synthetic, record_attributes, split_path
 from src.models.encoders import VisionSettings, build_vit
 from src.pretrain_vision import VisionPretraining, ensure_pretrained_vit, patch_targets
 
@@ -26,7 +26,7 @@ def test_patch_targets_label_the_patch_under_each_object_centre(tmp_path: Path):
     records = torch.load(split_path(root, "train"), weights_only=True)
     scenes = {}
     for r in records:
-        scenes.setdefault(r[0], r[4]["scene"]["objects"])
+        scenes.setdefault(r[0], record_attributes(r)["scene"]["objects"])
     assert images.shape == (len(scenes), 3, SIZE, SIZE)
     grid = SIZE // 16
     for n, image_file in enumerate(sorted(scenes)):

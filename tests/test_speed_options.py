@@ -1,5 +1,6 @@
 """The speed and memory switches: frozen weights in bf16 (`model.frozen_bf16`), the CLIP-prior cache
-(`model.prior_cache`) and `model.compile`. Checkpointing is tested with the model (test_model.py)."""
+(`model.prior_cache`), the ViT frozen-prefix cache (`model.vision_prefix_cache`) and `model.compile`.
+Checkpointing is tested with the model (test_model.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from src.models.prior_cache import PriorCache
+from src.models.row_cache import PriorCache
 from tests.test_checkpoints import METHODS, module_for
 from tests.test_model import B, inputs
 
@@ -101,6 +102,71 @@ def test_prior_cache_changes_no_training_step_and_clears_when_weights_load():
     restored = pickle.loads(pickle.dumps(cached.model))  # ddp_spawn pickles the model: the cache hook must allow it
     restored(**inputs())
     assert len(restored.prior.cache.rows) == B
+
+
+# the tiny test model has 4 ViT blocks, adapted at 1 and 3
+@pytest.mark.parametrize(("peft", "depth"), [("mapper", 1), ("lora", 1), ("adapter", 1), ("frozen", 4), ("full", 0)])
+def test_frozen_prefix_depth_stops_at_the_first_tuned_block(peft, depth):
+    module = module_for(peft, "model.vision_prefix_cache=8")
+    vision = module.model.vision
+    module.model.train()  # the grounder's train(): frozen backbone modules stay in eval mode
+    assert vision.frozen_prefix_depth() == depth
+    torch.nn.Module.train(module.model, True)  # every module in training mode (dropout would act): nothing fixed
+    assert vision.frozen_prefix_depth() == 0
+    module.model.eval()
+    assert vision.frozen_prefix_depth() == depth
+
+
+def test_vision_prefix_cache_changes_no_training_step_and_clears_when_weights_load():
+    plain = module_for("mapper", *METHODS["mapper"], "model.vision_prefix_cache=0")
+    cached = module_for("mapper", *METHODS["mapper"], "model.vision_prefix_cache=16")
+    assert plain.model.vision.prefix_cache is None
+    cache = cached.model.vision.prefix_cache
+    batch = inputs()
+    keyed = batch | {"image_key": torch.tensor([11, 12])}
+    for _ in range(2):  # the second step reads the prefix of both images from the cache
+        for module in (plain, cached):
+            for p in module.model.parameters():
+                p.grad = None
+        plain.model.train(), cached.model.train()
+        loss = plain.loss(plain(batch).boxes, TARGET)["loss"]
+        loss.backward()
+        cached_loss = cached.loss(cached(keyed).boxes, TARGET)["loss"]
+        cached_loss.backward()
+        assert torch.allclose(loss, cached_loss, atol=1e-6)
+        for (name, p), q in zip(plain.model.named_parameters(), cached.model.parameters(), strict=True):
+            if p.requires_grad:
+                assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+    assert (cache.misses, cache.hits) == (B, B) and len(cache.rows) == B
+    cached.model.eval()
+    with torch.no_grad():  # evaluation reads the same entries
+        assert torch.allclose(cached(keyed).boxes, plain(batch).boxes.detach(), atol=1e-6)
+    assert cache.hits == 2 * B
+    cached.model.load_state_dict(plain.model.state_dict())
+    assert len(cache.rows) == 0
+    restored = pickle.loads(pickle.dumps(cached.model))  # ddp_spawn pickles the model
+    restored(**keyed)
+    assert len(restored.vision.prefix_cache.rows) == B
+
+
+def test_cached_samples_carry_an_image_digest_that_collate_stacks():
+    from src.data.dataset import CachedSamples, collate, image_digest
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 8, 8, generator=g) for _ in range(2)]
+    base = {"pixel_mask": torch.zeros(8, 8, dtype=torch.bool), "text_ids": torch.zeros(4, dtype=torch.long),
+            "text_mask": torch.ones(4, dtype=torch.long), "prior_ids": torch.zeros(4, dtype=torch.long),
+            "prior_mask": torch.ones(4, dtype=torch.long), "box": torch.rand(4), "phrase": "a", "image_file": "x"}
+    samples = [base | {"image": images[i % 2], "index": i} for i in range(3)]
+    cached = CachedSamples(samples=None, dataset=samples)
+    keys = [s["image_key"] for s in cached]
+    assert keys[0] == keys[2] and keys[0] != keys[1]  # same pixels, same key
+    changed = images[0].clone()
+    changed[0, 0, 0] += 1e-6
+    assert image_digest(changed) != keys[0]
+    assert image_digest(images[0].double()) != keys[0]  # the dtype is part of the digest
+    assert torch.equal(collate(list(cached))["image_key"], torch.stack(keys))
+    assert "image_key" not in collate(samples)  # samples computed on the fly (augmented) have none
 
 
 @pytest.mark.slow  # inductor compiles C++ on the first step: about a minute on 2 cores with a cold cache

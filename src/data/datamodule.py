@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from src.config import checked_fields
 from src.data.benchmarks import BOX_FORMATS, BenchmarkSpec, get_benchmark
-from src.data.dataset import CachedSamples, RecordDataset, collate
+from src.data.dataset import CachedSamples, RecordDataset, collate, derangement
 from src.data.problems import DataError, check_policy
 from src.data.readers import SplitFileError, is_degenerate, read_jsonl, read_refer, read_transvg
 from src.data.records import Record
@@ -400,4 +400,9 @@ class GroundingDataModule(L.LightningDataModule):
     def shuffled_text_dataloader(self, split: str) -> DataLoader:
         """Eval loader over a split whose phrases are deranged across records (language-reliance check)."""
         self.spec.check_split(split)
+        cached = self.datasets.get(split)
+        if isinstance(cached, CachedSamples):  # the eval transform ignores the phrase: keep the computed images
+            shuffled = cached.with_phrases_from(derangement(len(cached), self.shuffle_text_seed))
+            if shuffled is not None:
+                return self._loader(shuffled, train=False)
         return self._loader(self.make_dataset(split, False, self.shuffle_text_seed), train=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,8 @@ class RecordDataset(Dataset):
             if phrase_permutation_seed is not None
             else None
         )
+        # token ids per phrase: benchmarks repeat phrases, and tokenising one at a time is slow
+        self._tokens: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def __len__(self) -> int:
         """Number of records."""
@@ -123,15 +126,14 @@ class RecordDataset(Dataset):
                 raise
             return {"skipped": (index, err.kind, str(err)), "image_file": record.image, "index": index}
         out = self.transform(image, box, self.phrase_of(index))
-        text_ids, text_mask = self.bert_tok([out.phrase], self.max_query_len)
-        prior_ids, prior_mask = self.clip_tok([out.phrase], self.max_query_len)
+        text_ids, text_mask, prior_ids, prior_mask = self.tokens(out.phrase)
         return {
             "image": out.image,
             "pixel_mask": out.pixel_mask,
-            "text_ids": text_ids[0],
-            "text_mask": text_mask[0],
-            "prior_ids": prior_ids[0],
-            "prior_mask": prior_mask[0],
+            "text_ids": text_ids,
+            "text_mask": text_mask,
+            "prior_ids": prior_ids,
+            "prior_mask": prior_mask,
             "box": out.box,
             "phrase": out.phrase,
             "image_file": record.image,
@@ -139,17 +141,44 @@ class RecordDataset(Dataset):
         }
 
 
+    def tokens(self, phrase: str) -> tuple[torch.Tensor, ...]:
+        """BERT ids and mask, CLIP ids and mask (each (max_query_len,)) of a phrase, remembered per phrase."""
+        if phrase not in self._tokens:
+            bert = self.bert_tok([phrase], self.max_query_len)
+            clip = self.clip_tok([phrase], self.max_query_len)
+            self._tokens[phrase] = (bert[0][0], bert[1][0], clip[0][0], clip[1][0])
+        return self._tokens[phrase]
+
+
+_TEXT_KEYS = ("text_ids", "text_mask", "prior_ids", "prior_mask", "phrase")
+
+
 class CachedSamples(Dataset):
     """A dataset's samples computed once, eagerly, and served from memory.
 
     Only for datasets whose transform is deterministic (eval, or train with augmentation off): small
     benchmarks such as the synthetic one then cost no image decoding or resizing after the first pass,
-    which on a 2-core CPU is a large share of a training step.
+    which on a 2-core CPU is a large share of a training step. Each sample also gets an `image_key`, a
+    digest of its image tensor: the same key means the same pixels, so the model may reuse what its
+    frozen layers computed from them (`model.vision_prefix_cache`).
     """
 
-    def __init__(self, dataset: Dataset) -> None:
-        """Compute every sample of `dataset` now."""
-        self.samples = [dataset[i] for i in range(len(dataset))]
+    def __init__(self, dataset: Dataset | None = None, samples: list[dict[str, Any]] | None = None) -> None:
+        """Compute every sample of `dataset` now (or take already computed `samples`)."""
+        if samples is None:
+            samples = [dataset[i] for i in range(len(dataset))]
+            samples = [s | {"image_key": image_digest(s["image"])} if "image" in s else s for s in samples]
+        self.samples = samples
+
+    def with_phrases_from(self, source: Sequence[int]) -> CachedSamples | None:
+        """The samples with sample i's phrase (and its tokens) taken from sample `source[i]`; images, boxes and
+        the rest stay. None when a sample was skipped (its phrase was never tokenised)."""
+        if len(source) != len(self.samples) or any("skipped" in s for s in self.samples):
+            return None
+        return CachedSamples(samples=[
+            sample | {key: self.samples[j][key] for key in _TEXT_KEYS}
+            for sample, j in zip(self.samples, source, strict=True)
+        ])
 
     def __len__(self) -> int:
         """Number of samples."""
@@ -158,6 +187,13 @@ class CachedSamples(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         """The stored sample."""
         return self.samples[index]
+
+
+def image_digest(image: torch.Tensor) -> torch.Tensor:
+    """A 64-bit digest (int64 scalar) of an image tensor's dtype, shape and values."""
+    digest = hashlib.blake2b(f"{image.dtype}{tuple(image.shape)}".encode(), digest_size=8)
+    digest.update(image.contiguous().numpy().tobytes())
+    return torch.tensor(int.from_bytes(digest.digest(), "little", signed=True))
 
 
 _STACKED = ("image", "pixel_mask", "text_ids", "text_mask", "prior_ids", "prior_mask", "box")
@@ -173,6 +209,8 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {"skipped": [s["skipped"] for s in samples if "skipped" in s]}
     if kept:
         batch |= {key: torch.stack([s[key] for s in kept]) for key in _STACKED}
+        if all("image_key" in s for s in kept):
+            batch["image_key"] = torch.stack([s["image_key"] for s in kept])
     batch["phrase"] = [s["phrase"] for s in kept]
     batch["image_file"] = [s["image_file"] for s in kept]
     batch["index"] = torch.tensor([s["index"] for s in kept], dtype=torch.long)

@@ -18,7 +18,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
 from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection
 
-from src.models.prior_cache import PriorCache
+from src.models.row_cache import PriorCache, RowCache, run_context
 
 
 @dataclass
@@ -83,13 +83,24 @@ CLIP_B16_TEXT = dict(
 
 
 class VisionEncoder(nn.Module):
-    """A timm ViT whose output keeps the class token and the patch tokens (registers are dropped)."""
+    """A timm ViT whose output keeps the class token and the patch tokens (registers are dropped).
 
-    def __init__(self, vit: nn.Module) -> None:
+    With `prefix_cache` entries, the output of its frozen prefix (the stem and the leading blocks that
+    nothing tunes, `frozen_prefix_depth`) is kept per image for inputs that come with an `image_key`
+    (a digest of the image tensor, which the data layer gives samples it serves from memory) and read
+    back the next time that image comes: below the first tuned block nothing changes during training.
+    """
+
+    def __init__(self, vit: nn.Module, prefix_cache: int = 0) -> None:
         super().__init__()
         if getattr(vit, "cls_token", None) is None:
             raise ValueError("the vision encoder needs a class token (the grounder passes it on)")
         self.vit = vit
+        for module in vit.modules():  # modules a PEFT method injects later lack the mark
+            module.built_with_backbone = True
+        self.prefix_cache = RowCache(prefix_cache) if prefix_cache else None
+        if self.prefix_cache is not None:
+            self.register_load_state_dict_post_hook(_clear_vision_prefix_cache)  # a function: stays picklable
 
     @property
     def embed_dim(self) -> int:
@@ -117,9 +128,54 @@ class VisionEncoder(nn.Module):
     def blocks(self) -> nn.Sequential:
         return self.vit.blocks
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        tokens = self.vit.forward_features(image)
+    def frozen_prefix_depth(self) -> int:
+        """How many leading blocks, after the stem, compute a fixed function of the image: modules built
+        with the ViT (nothing injected), without trainable parameters, not in training mode. 0 when the
+        stem itself (patch embedding, class and register tokens, positions) is not fixed."""
+        vit = self.vit
+        stem = [vit.patch_embed, vit.pos_drop, vit.patch_drop, vit.norm_pre]
+        tokens = [t for t in (vit.cls_token, vit.reg_token, vit.pos_embed) if t is not None]
+        if any(t.requires_grad for t in tokens) or not all(_fixed(m) for m in stem):
+            return 0
+        depth = 0
+        while depth < len(vit.blocks) and _fixed(vit.blocks[depth]):
+            depth += 1
+        return depth
+
+    def forward(self, image: torch.Tensor, image_key: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1 + H*W, D) tokens; `image_key` (B,) lets the frozen prefix's output be cached per image."""
+        depth = self.frozen_prefix_depth() if self.prefix_cache is not None and image_key is not None else 0
+        if depth:
+            context = (run_context(image.device), next(self.vit.patch_embed.parameters()).dtype, depth)
+            keys = [(context, key) for key in image_key.tolist()]
+            x = self.prefix_cache.lookup(keys, lambda index: self._prefix(image[index.to(image.device)], depth))
+            for block in self.vit.blocks[depth:]:
+                x = block(x)
+            tokens = self.vit.norm(x)
+        else:
+            tokens = self.vit.forward_features(image)
         return torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens :]], dim=1)
+
+    @torch.no_grad()
+    def _prefix(self, image: torch.Tensor, depth: int) -> torch.Tensor:
+        """The stem and the first `depth` blocks, as timm's forward_features runs them."""
+        vit = self.vit
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(image))))
+        for block in vit.blocks[:depth]:
+            x = block(x)
+        return x
+
+
+def _fixed(module: nn.Module) -> bool:
+    """True when `module` computes a fixed function: built with the backbone, frozen, not training."""
+    return all(getattr(m, "built_with_backbone", False) and not m.training for m in module.modules()) and not any(
+        p.requires_grad for p in module.parameters()
+    )
+
+
+def _clear_vision_prefix_cache(module: VisionEncoder, _incompatible_keys: Any) -> None:
+    """After new weights load, no cached prefix output is valid."""
+    module.prefix_cache.clear()
 
 
 class ZeroTokenType(nn.Module):

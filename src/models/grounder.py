@@ -143,11 +143,12 @@ class Grounder(nn.Module):
         prior_ids: torch.Tensor | None = None,
         prior_mask: torch.Tensor | None = None,
         return_features: bool = False,
+        image_key: torch.Tensor | None = None,
     ) -> GrounderOutput:
         if text_ids.shape[1] != self.max_query_len:
             raise ValueError(f"text length {text_ids.shape[1]} != model.max_query_len {self.max_query_len}")
         with torch.autocast(image.device.type, dtype=torch.bfloat16) if self.frozen_bf16 else nullcontext():
-            visual = self.vision(image)
+            visual = self.vision(image, image_key)
             prior = self._prior(text_ids, text_mask, prior_ids, prior_mask)
             text = self.text(text_ids, text_mask, condition=prior)
             bert_out = text
@@ -220,6 +221,7 @@ def build_grounder(
     checkpointing: bool | str | None = False,
     frozen_bf16: bool = False,
     prior_cache: int = 0,
+    vision_prefix_cache: int = 0,
     compile: bool = False,
 ) -> Grounder:
     """Build the grounder from plain settings (what Hydra passes) and apply the PEFT method.
@@ -229,7 +231,9 @@ def build_grounder(
     `quirks` sets single official quirks against the mode's defaults; `checkpointing` (false, frozen = true,
     all) recomputes blocks' activations in backward instead of storing them (src/models/checkpointing.py);
     `frozen_bf16` stores the frozen backbone weights in bf16 and runs the backbones under bf16 autocast;
-    `prior_cache` keeps the CLIP prior of that many recent phrases (src/models/prior_cache.py);
+    `prior_cache` keeps the CLIP prior of that many recent phrases (src/models/row_cache.py);
+    `vision_prefix_cache` keeps the output of the ViT's frozen prefix for that many recent images (inputs
+    with an `image_key`: samples the data layer serves from memory);
     `compile` compiles the grounder's forward with torch.compile (in place: state-dict keys unchanged).
     """
     quirks = ModelQuirks.resolve(mode, quirks)
@@ -244,7 +248,7 @@ def build_grounder(
                          use_padding_mask=not quirks.prior_from_bert_ids, fp16=quirks.prior_fp16,
                          cache_size=prior_cache)
     model = Grounder(
-        VisionEncoder(vit), TextEncoder(bert), clip,
+        VisionEncoder(vit, prefix_cache=vision_prefix_cache), TextEncoder(bert), clip,
         FusionSettings(**(fusion or {})), max_query_len, quirks, adapter_layers,
     )
     model.reference = BackboneReference(vs, ts, image_size)
