@@ -140,7 +140,6 @@ class RecordDataset(Dataset):
             "index": index,
         }
 
-
     def tokens(self, phrase: str) -> tuple[torch.Tensor, ...]:
         """BERT ids and mask, CLIP ids and mask (each (max_query_len,)) of a phrase, remembered per phrase."""
         if phrase not in self._tokens:
