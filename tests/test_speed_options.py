@@ -158,7 +158,7 @@ def test_cached_samples_carry_an_image_digest_that_collate_stacks():
             "text_mask": torch.ones(4, dtype=torch.long), "prior_ids": torch.zeros(4, dtype=torch.long),
             "prior_mask": torch.ones(4, dtype=torch.long), "box": torch.rand(4), "phrase": "a", "image_file": "x"}
     samples = [base | {"image": images[i % 2], "index": i} for i in range(3)]
-    cached = CachedSamples(samples=None, dataset=samples)
+    cached = CachedSamples(samples)
     keys = [s["image_key"] for s in cached]
     assert keys[0] == keys[2] and keys[0] != keys[1]  # same pixels, same key
     changed = images[0].clone()
