@@ -31,12 +31,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from src.errors import UserError
+
 CHECKPOINT_FORMAT = "mapper-suite/petl-checkpoint-v1"
 MODEL_PREFIX = "model."  # GroundingModule holds the grounder as `self.model`
 FINGERPRINT_RTOL = 1e-5
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint does not fit the model built from the config; the message lists the keys."""
 
 

@@ -32,6 +32,7 @@ from src.data.readers import (
     read_jsonl,
 )
 from src.data.records import Record
+from src.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DOCTOR_OPTIONS = ("output", "max_open", "splits", "split_file", "dataset", "box_format")
@@ -43,7 +44,7 @@ TOKEN_CHUNK = 1024
 TOKEN_LIMIT = 512
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """Bad command-line arguments or configuration (exit status 2)."""
 
 

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from src.errors import UserError
+
 _WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-class ImageReadError(OSError):
+class ImageReadError(UserError, OSError):
     """An image that cannot be opened or decoded; the message names the file and the record."""
 
 

@@ -15,13 +15,15 @@ from typing import Any
 
 import torch.distributed as dist
 
+from src.errors import UserError
+
 log = logging.getLogger(__name__)
 
 BAD_RECORD_POLICIES = ("fail", "skip")
 WARNED_PER_STAGE = 10  # skipped records named one by one in the log, per stage; the rest are counted
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot be trained or evaluated on; the message names the file (and the record)."""
 
 

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+from src.errors import UserError
 from src.models.grounder import Grounder, build_grounder
 from src.models.peft.mapper import Mapper
 
@@ -152,7 +153,7 @@ class OfficialConversion(NamedTuple):
         )
 
 
-class OfficialCheckpointError(ValueError):
+class OfficialCheckpointError(UserError, ValueError):
     """An official state dict does not fit the suite model; the message lists every problem."""
 
 
