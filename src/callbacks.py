@@ -11,6 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
+from src.errors import ConfigError
 from src.metrics import canvas_iou
 from src.report import canvas_with_boxes
 
@@ -25,7 +26,7 @@ class LastCheckpoint(Callback):
 
     def __init__(self, dirpath: str | Path, every_n_steps: int = 200, filename: str = "last.ckpt") -> None:
         if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+            raise ConfigError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.path = Path(dirpath) / filename
         self.every_n_steps = every_n_steps
         self._saved_step = -1

@@ -6,7 +6,8 @@ prefix, and whose extra entries are:
 
 * `format`: `CHECKPOINT_FORMAT`;
 * `config`: the run's resolved config (model, peft, seed, data, ...), so that evaluating or predicting
-  needs nothing else;
+  needs nothing else; it is data: loading checks that it names only the suite's own classes (`src.trust`);
+* `choices`: the config-group choices it was trained with (`{"model": "mapper_tiny", "peft": "lora"}`);
 * `frozen_fingerprint`: per frozen tensor that is *not* stored, its (sum, sum of squares), so that a
   rebuilt backbone that differs (other weights, another seed) is refused instead of silently used.
 
@@ -21,17 +22,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from src.errors import UserError
+from src.data.readers import refused_global
+from src.errors import UnsafeFileError, UserError, reported_errors
 
 CHECKPOINT_FORMAT = "mapper-suite/petl-checkpoint-v1"
 MODEL_PREFIX = "model."  # GroundingModule holds the grounder as `self.model`
@@ -40,6 +43,10 @@ FINGERPRINT_RTOL = 1e-5
 
 class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint does not fit the model built from the config; the message lists the keys."""
+
+
+class CheckpointFileError(UserError, ValueError):
+    """A checkpoint file that is missing, unreadable or not a suite checkpoint; the message names it."""
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -129,6 +136,28 @@ def strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix(MODEL_PREFIX): v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
 
 
+def load_checkpoint_file(path: str | Path) -> Any:
+    """A `.ckpt` file's contents, unpickled only as tensors and plain containers (`weights_only=True`).
+
+    A file that holds other objects is refused (UnsafeFileError naming the object); nothing in it runs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointFileError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        name = refused_global(str(err))
+        raise UnsafeFileError(
+            f"{path}: refused to load: it holds objects other than tensors and plain containers"
+            f"{f' (`{name}`)' if name else ''}, and the suite never unpickles code. Suite checkpoints hold only "
+            "tensors and plain data, so this file was not written by the suite or was tampered with; "
+            "use a checkpoint from a source you trust"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointFileError(f"{path}: not a readable checkpoint ({' '.join(str(err).split())})") from None
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(grounder state, resolved config, frozen fingerprint) from a suite `.ckpt` or `.safetensors` file.
 
@@ -136,16 +165,41 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointFileError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    raw = load_checkpoint_file(path)
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("state_dict"), Mapping):
+        raise CheckpointFileError(f"{path} is not a suite checkpoint (no state_dict)")
+    config, prints = raw.get("config") or {}, raw.get("frozen_fingerprint") or {}
+    if not isinstance(config, Mapping) or not isinstance(prints, Mapping):
+        raise CheckpointFileError(f"{path}: its `config` and `frozen_fingerprint` entries must be dicts")
+    return strip_prefix(raw["state_dict"]), dict(config), dict(prints)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """`read_checkpoint` for a `.safetensors` file: tensors, and the config and fingerprint as JSON metadata."""
+    try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-        return state, json.loads(meta.get("config", "{}")), json.loads(meta.get("frozen_fingerprint", "{}"))
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(raw, Mapping) or "state_dict" not in raw:
-        raise CheckpointMismatchError(f"{path} is not a suite checkpoint (no state_dict)")
-    return strip_prefix(raw["state_dict"]), dict(raw.get("config") or {}), dict(raw.get("frozen_fingerprint") or {})
+        config, prints = json.loads(meta.get("config", "{}")), json.loads(meta.get("frozen_fingerprint", "{}"))
+    except (SafetensorError, OSError, json.JSONDecodeError) as err:
+        raise CheckpointFileError(f"{path}: not a readable safetensors checkpoint ({err})") from None
+    if not isinstance(config, dict) or not isinstance(prints, dict):
+        raise CheckpointFileError(f"{path}: its `config` and `frozen_fingerprint` metadata must be JSON objects")
+    return state, config, prints
+
+
+def read_choices(path: str | Path) -> dict[str, str]:
+    """The config-group choices a checkpoint records (empty for files written before they were recorded)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            choices = json.loads((f.metadata() or {}).get("choices", "{}"))
+    else:
+        choices = load_checkpoint_file(path).get("choices") or {}
+    return {str(k): str(v) for k, v in choices.items()} if isinstance(choices, Mapping) else {}
 
 
 def export_safetensors(src: str | Path, out: str | Path) -> Path:
@@ -153,7 +207,8 @@ def export_safetensors(src: str | Path, out: str | Path) -> Path:
     state, config, prints = read_checkpoint(src)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": CHECKPOINT_FORMAT, "config": json.dumps(config), "frozen_fingerprint": json.dumps(prints)}
+    meta = {"format": CHECKPOINT_FORMAT, "config": json.dumps(config), "choices": json.dumps(read_choices(src)),
+            "frozen_fingerprint": json.dumps(prints)}
     save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=meta)
     return out
 
@@ -161,6 +216,7 @@ def export_safetensors(src: str | Path, out: str | Path) -> Path:
 def describe(path: str | Path) -> dict[str, Any]:
     """Tensor count, parameter count and bytes of a checkpoint's weights, and what it was trained as."""
     state, config, prints = read_checkpoint(path)
+    choices = read_choices(path)
     return {
         "file": str(path),
         "file_bytes": Path(path).stat().st_size,
@@ -168,7 +224,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "values": sum(t.numel() for t in state.values()),
         "weight_bytes": sum(t.numel() * t.element_size() for t in state.values()),
         "rebuilt_frozen_tensors": len(prints),
-        "peft": (config.get("peft") or {}).get("_target_"),
+        "method": choices.get("peft") or (config.get("peft") or {}).get("_target_"),
         "model_mode": (config.get("model") or {}).get("mode"),
         "seed": config.get("seed"),
     }
@@ -192,4 +248,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with reported_errors():  # a UserError: one `error: ...` line, exit status 1
+        sys.exit(main())

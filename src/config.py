@@ -12,6 +12,8 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
+from src.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -26,7 +28,7 @@ def checked_fields(cls: type, config: Mapping[str, Any] | None, what: str) -> di
     config = dict(config or {})
     unknown = set(config) - {f.name for f in fields(cls)}
     if unknown:
-        raise ValueError(f"unknown {what} settings {sorted(unknown)}")
+        raise ConfigError(f"unknown {what} settings {sorted(unknown)}")
     return config
 
 

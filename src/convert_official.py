@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from src.checkpoints import CHECKPOINT_FORMAT, MODEL_PREFIX
+from src.errors import reported_errors
 from src.models.grounder import Grounder
 from src.models.official import (
     OfficialCheckpointError,
@@ -211,4 +212,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with reported_errors():  # a UserError: one `error: ...` line, exit status 1
+        sys.exit(main())

@@ -25,6 +25,7 @@ from src.checkpoints import (
     trainable_state,
 )
 from src.data.problems import SkippedRecords
+from src.errors import UserError
 from src.losses import GroundingLoss
 from src.metrics import GroundingAccuracy
 from src.models.grounder import Grounder, GrounderOutput
@@ -54,7 +55,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
     """A NaN or infinite loss or gradient; the message names the step, the batch's images and the loss terms."""
 
 
@@ -75,12 +76,14 @@ class GroundingModule(L.LightningModule):
         loss: GroundingLoss | None = None,
         config: dict[str, Any] | None = None,
         eval_fp32: bool = False,
+        choices: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         # No save_hyperparameters: checkpoints carry the resolved run config as plain data instead, so
         # that they load with torch.load(weights_only=True) and rebuild the model on their own.
         self.model = model
         self.config = dict(config or {})
+        self.choices = dict(choices or {})  # the config-group choices (model=..., peft=...), for the record
         self.strict_loading = False  # checkpoints hold only what trains; on_load_checkpoint checks the keys
         self._frozen_fingerprint: dict[str, list[float]] | None = None
         # The latest training batch's image files and loss terms, for the non-finite guard's message.
@@ -200,8 +203,8 @@ class GroundingModule(L.LightningModule):
         checkpoint["state_dict"] = {MODEL_PREFIX + k: v for k, v in state.items()}
         if self._frozen_fingerprint is None:  # the frozen tensors never change during a run
             self._frozen_fingerprint = frozen_fingerprint(self.model, state)
-        checkpoint.update(format=CHECKPOINT_FORMAT, config=self.config, frozen_fingerprint=self._frozen_fingerprint,
-                          rng_states=rng_states())
+        checkpoint.update(format=CHECKPOINT_FORMAT, config=self.config, choices=self.choices,
+                          frozen_fingerprint=self._frozen_fingerprint, rng_states=rng_states())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another config (the message lists the keys) before Lightning loads it."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import DictConfig, open_dict
 from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
@@ -38,8 +38,10 @@ from src.data.images import ImageReadError, load_image
 from src.data.problems import BadRecordError, check_policy
 from src.data.readers import SplitFileError, jsonl_header_format, jsonl_objects, to_xyxy
 from src.data.transforms import CanvasMeta, EvalTransform
+from src.errors import reported_errors
 from src.lit import GroundingModule
 from src.run import adopt_checkpoint_model, build_seeded_module
+from src.trust import check_stored_config
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +83,8 @@ class Predictor:
     ) -> None:
         state, stored, prints = read_checkpoint(checkpoint)
         cfg = compose()
-        adopt_checkpoint_model(cfg, stored)
-        with open_dict(cfg):
-            if stored.get("data"):  # its tokenizer vocabularies (and the synthetic pretraining corpus)
-                cfg.data = stored["data"]
+        adopt_checkpoint_model(cfg, stored, str(checkpoint))
+        adopt_checkpoint_data(cfg, stored, str(checkpoint))
         datamodule = instantiate(cfg.data)
         apply_backbone_pretraining(cfg, datamodule)
         module: GroundingModule = build_seeded_module(cfg)
@@ -149,6 +149,22 @@ class Predictor:
                 iou = float(box_iou(torch.tensor([xyxy]), torch.tensor([q.box], dtype=torch.float32))[0, 0])
             results.append(Prediction(q, xyxy, iou))
         return results
+
+
+# Where data and caches live on this machine: always the local config's, never a checkpoint's.
+LOCAL_DATA_SETTINGS = ("data_root", "split_root", "image_root", "cache_dir")
+
+
+def adopt_checkpoint_data(cfg: DictConfig, stored: dict, source: str) -> None:
+    """The checkpoint's data settings (its tokenizer vocabularies, the synthetic pretraining corpus), checked
+    like its model settings; the folders where data and caches live stay this machine's."""
+    if not stored.get("data"):
+        return
+    check_stored_config(stored, ("data",), cfg, source)
+    with open_dict(cfg):
+        for key, value in stored["data"].items():
+            if key not in LOCAL_DATA_SETTINGS:
+                cfg.data[key] = value
 
 
 def to_original(box: torch.Tensor, meta: CanvasMeta, size: tuple[int, int], image_size: int) -> tuple[float, ...]:
@@ -267,4 +283,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with reported_errors():  # a UserError: one `error: ...` line, exit status 1
+        sys.exit(main())

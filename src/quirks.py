@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Literal, Self
 
+from src.errors import ConfigError
+
 Mode = Literal["clean", "official"]
 MODES: tuple[str, ...] = ("clean", "official")
 
@@ -25,7 +27,7 @@ class QuirkSwitches:
     def for_mode(cls, mode: str) -> Self:
         """All quirks off for `clean`, all on for `official`."""
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         on = mode == "official"
         return cls(**{f.name: on for f in fields(cls)})
 
@@ -37,9 +39,9 @@ class QuirkSwitches:
         chosen = {}
         for name, value in (overrides or {}).items():
             if name not in names:
-                raise ValueError(f"unknown {cls.__name__} switch {name!r}; known: {names}")
+                raise ConfigError(f"unknown {cls.__name__} switch {name!r}; known: {names}")
             if value is not None and not isinstance(value, bool):
-                raise ValueError(f"quirk {name} must be true, false or null, got {value!r}")
+                raise ConfigError(f"quirk {name} must be true, false or null, got {value!r}")
             if value is not None:
                 chosen[name] = value
         return replace(cls.for_mode(mode), **chosen)

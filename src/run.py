@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -17,18 +18,20 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from src.backbone_pretraining import apply_backbone_pretraining
-from src.checkpoints import load_into, read_checkpoint
-from src.data.problems import DataError
-from src.lit import GroundingModule, NonFiniteError
+from src.checkpoints import load_checkpoint_file, load_into, read_checkpoint
+from src.errors import ConfigError, as_user_error, reported_errors
+from src.lit import GroundingModule
 from src.loggers import finish_wandb
 from src.params import format_report, parameter_report
 from src.report import prediction_grid, print_table, split_metrics, write_results
 from src.results import append_result, hydra_choices, in_multirun, reset_peak_memory, result_row, results_file
 from src.resume import find_last_checkpoint
+from src.trust import check_stored_config
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ def build_module(cfg: DictConfig) -> GroundingModule:
         loss=instantiate(cfg.loss) if cfg.get("loss") else None,
         config=resolved(cfg),
         eval_fp32=bool(cfg.get("eval_fp32", False)),
+        choices=hydra_choices(),
     )
 
 
@@ -73,13 +77,17 @@ def resolved(cfg: DictConfig) -> dict:
     return out
 
 
-def adopt_checkpoint_model(cfg: DictConfig, stored: dict) -> None:
+def adopt_checkpoint_model(cfg: DictConfig, stored: dict, source: str) -> None:
     """Evaluate a checkpoint as what it was trained as: the settings that decide its weights (model,
     PEFT method, seed, backbone pretraining stages) replace the command line's, since frozen backbones
-    are rebuilt from them; data, trainer and logging stay as configured (test it on another benchmark)."""
+    are rebuilt from them; data, trainer and logging stay as configured (test it on another benchmark).
+
+    The stored settings are data: they may only name the suite's own classes (or those configured
+    here) and hold plain values (`src.trust`); anything else is refused before it is used."""
     if not stored:
         log.warning("the checkpoint carries no config: evaluating it with the model configured here")
         return
+    check_stored_config(stored, WEIGHT_SETTINGS, cfg, source)
     with open_dict(cfg):
         for key in WEIGHT_SETTINGS:
             if key in stored:
@@ -100,12 +108,12 @@ def trainer_settings(cfg: DictConfig) -> dict:
     """
     precision = str(cfg.trainer.get("precision", "32-true"))
     if precision in REFUSED_PRECISIONS:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.precision={precision} is not supported: it casts every weight, but the box head, "
             "loss and metrics run in fp32. Use bf16-mixed (or 16-mixed) instead."
         )
     if cfg.model.get("frozen_bf16") and cfg.get("eval_fp32"):
-        raise ValueError("model.frozen_bf16=true keeps the frozen backbones in bf16, so they cannot evaluate in fp32: "
+        raise ConfigError("model.frozen_bf16=true keeps the frozen backbones in bf16, so they cannot evaluate in fp32: "
                          "set eval_fp32=false or model.frozen_bf16=false")
     if cfg.trainer.get("strategy") == "ddp" and cfg.model.get("mode") == "official":
         log.info("official mode under DDP: strategy ddp_find_unused_parameters_true (the dead DyPA projection)")
@@ -148,16 +156,38 @@ def draw_predictions(module: GroundingModule, loader, count: int, path: Path) ->
     grid.save(path)
 
 
+@dataclass
+class RunProgress:
+    """What a run has built so far, for the record of a run that fails part way."""
+
+    params: dict | None = None
+    trainer: L.Trainer | None = None
+
+
 def run(cfg: DictConfig) -> float | None:
-    """Train, test and report as configured; returns the best val/acc50 (None when not training)."""
+    """Train, test and report as configured; returns the best val/acc50 (None when not training).
+
+    A failure the user can act on (`src.errors.UserError`: bad data, checkpoint or setting, a non-finite
+    loss) is recorded in results.json and the results line with `status: failed`; a single run then
+    raises it, a sweep job returns NaN so that the sweep goes on (Optuna marks the trial failed).
+    """
+    start, progress = time.perf_counter(), RunProgress()
     try:
-        return train_and_test(cfg)
+        return train_and_test(cfg, progress)
+    except Exception as err:
+        failure = as_user_error(err)
+        if failure is None:
+            raise
+        record_failure(cfg, progress, failure, time.perf_counter() - start)
+        if in_multirun():
+            return float("nan")
+        raise
     finally:
         finish_wandb()
 
 
-def train_and_test(cfg: DictConfig) -> float | None:
-    """The body of `run`: everything but closing the W&B run."""
+def train_and_test(cfg: DictConfig, progress: RunProgress) -> float | None:
+    """The body of `run`: everything but failure handling and closing the W&B run."""
     start = time.perf_counter()
     reset_peak_memory()
     if cfg.get("ckpt_path") == "last":  # continue that run, in its own folder (best-checkpoint tracking included)
@@ -170,25 +200,24 @@ def train_and_test(cfg: DictConfig) -> float | None:
     evaluate_only = bool(cfg.get("ckpt_path")) and not cfg.train
     if evaluate_only:  # the checkpoint decides the model; its frozen backbones are rebuilt below
         stored_state, stored_config, stored_prints = read_checkpoint(cfg.ckpt_path)
-        adopt_checkpoint_model(cfg, stored_config)
+        adopt_checkpoint_model(cfg, stored_config, str(cfg.ckpt_path))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     apply_backbone_pretraining(cfg, datamodule)
     module = build_seeded_module(cfg)
     if evaluate_only:
         load_into(module.model, stored_state, stored_prints, str(cfg.ckpt_path))
-    params = parameter_report(module.model)
+    params = progress.params = parameter_report(module.model)
     log.info(format_report(params))
-    trainer = build_trainer(cfg)
+    trainer = progress.trainer = build_trainer(cfg)
     for logger in trainer.loggers:  # W&B: the run's config panel; CSV: hparams.yaml
         logger.log_hyperparams({"config": resolved(cfg), "parameters": params})
 
     best_ckpt, best_score = None, None
     if cfg.train:
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-        except (NonFiniteError, DataError) as err:
-            return record_failure(cfg, trainer, params, err, time.perf_counter() - start)
+        if cfg.get("ckpt_path"):  # an unsafe or unreadable file gets the suite's message, not Lightning's
+            load_checkpoint_file(cfg.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         checkpoint = trainer.checkpoint_callback
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
             best_ckpt = checkpoint.best_model_path
@@ -245,31 +274,30 @@ def data_problems(datamodule: L.LightningDataModule, module: GroundingModule) ->
     return {"dropped_at_reading": dropped, "skipped": skipped}
 
 
-def record_failure(cfg: DictConfig, trainer: L.Trainer, params: dict, err: Exception, seconds: float) -> float:
-    """Write results.json and the results line with `status: failed` and the reason; a single run then
-    stops with the error, a sweep goes on (its sweeper sees NaN: Optuna marks the trial failed)."""
-    out_dir = Path(cfg.paths.output_dir)
-    checkpoint = trainer.checkpoint_callback
-    kept = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else None
+def record_failure(cfg: DictConfig, progress: RunProgress, err: Exception, seconds: float) -> None:
+    """Write results.json and the results line with `status: failed`, the reason and the last good checkpoint."""
+    trainer = progress.trainer
+    checkpoint = trainer.checkpoint_callback if trainer is not None else None
+    kept = (checkpoint.best_model_path or None) if isinstance(checkpoint, ModelCheckpoint) else None
     log.error("run failed: %s (last good checkpoint: %s)", err, kept or "none")
-    if trainer.is_global_zero:
-        config = resolved(cfg)
-        write_results(out_dir / "results.json", {
-            "status": "failed", "reason": str(err), "wall_seconds": round(seconds, 2), "best_checkpoint": kept or None,
-            "parameters": params, "config": config,
-        })
-        row = result_row(config, choices=hydra_choices(), params=params, splits={}, shuffled={}, best_val=None,
-                         checkpoint=kept or None, wall_seconds=round(seconds, 2), output_dir=out_dir)
-        append_result(results_file(out_dir), row | {"status": "failed", "reason": str(err)})
-    if in_multirun():
-        return float("nan")
-    raise err
+    if not (trainer.is_global_zero if trainer is not None else rank_zero_only.rank == 0):
+        return
+    out_dir, config, params = Path(cfg.paths.output_dir), resolved(cfg), progress.params or {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_results(out_dir / "results.json", {
+        "status": "failed", "reason": str(err), "wall_seconds": round(seconds, 2), "best_checkpoint": kept,
+        "parameters": params, "config": config,
+    })
+    row = result_row(config, choices=hydra_choices(), params=params, splits={}, shuffled={}, best_val=None,
+                     checkpoint=kept, wall_seconds=round(seconds, 2), output_dir=out_dir)
+    append_result(results_file(out_dir), row | {"status": "failed", "reason": str(err)})
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point."""
-    return run(cfg)
+    """Hydra entry point: a UserError ends the run with one `error: ...` message (HYDRA_FULL_ERROR=1: traceback)."""
+    with reported_errors():
+        return run(cfg)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from src.errors import ConfigError
+
 BoxFormat = Literal["xyxy", "xywh"]
 BOX_FORMATS: tuple[str, ...] = ("xyxy", "xywh")
 COCO_IMAGES = "other/images/mscoco/images/train2014"
@@ -41,7 +43,7 @@ class BenchmarkSpec:
     def check_split(self, split: str) -> None:
         """Fail early, naming the benchmark, when a split is not one it has."""
         if self.splits and split not in self.splits:
-            raise ValueError(
+            raise ConfigError(
                 f"benchmark {self.key!r} has no split {split!r}; its splits are {list(self.splits)}"
             )
 
@@ -71,4 +73,4 @@ def get_benchmark(key: str) -> BenchmarkSpec:
     try:
         return BENCHMARKS[key]
     except KeyError:
-        raise ValueError(f"unknown benchmark {key!r}; known: {sorted(BENCHMARKS)}") from None
+        raise ConfigError(f"unknown benchmark {key!r}; known: {sorted(BENCHMARKS)}") from None

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from src.errors import UserError
+from src.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class BadRecordError(DataError):
 def check_policy(policy: str) -> str:
     """Validate a `bad_records` setting."""
     if policy not in BAD_RECORD_POLICIES:
-        raise ValueError(f"data.bad_records must be one of {BAD_RECORD_POLICIES}, got {policy!r}")
+        raise ConfigError(f"data.bad_records must be one of {BAD_RECORD_POLICIES}, got {policy!r}")
     return policy
 
 

@@ -75,8 +75,8 @@ class BoxDetection:
 # ------------------------------------------------------------------------------------------- safe loading
 
 
-def _refused_global(message: str) -> str | None:
-    """Pull the offending global's name out of torch's weights-only error message."""
+def refused_global(message: str) -> str | None:
+    """The refused global's name in torch's weights-only error message (None when it names none)."""
     for pattern in _GLOBAL_IN_ERROR:
         found = pattern.search(message)
         if found:
@@ -93,7 +93,7 @@ def safe_torch_load(path: str | Path) -> Any:
         with torch.serialization.safe_globals(SPLIT_FILE_GLOBALS):
             return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
-        name = _refused_global(str(err))
+        name = refused_global(str(err))
         if name is None:
             raise SplitFileError(
                 f"{path}: not a readable split file ({' '.join(str(err).split())})"

@@ -72,6 +72,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from src.errors import ConfigError
 from src.weights_cache import exclusive
 
 __all__ = [
@@ -189,28 +190,28 @@ class SyntheticSettings:
         for name in ("width_range", "height_range", "objects_range", "object_size_range"):
             lo, hi = getattr(self, name)
             if not (0 < lo <= hi):
-                raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi, got {(lo, hi)}")
+                raise ConfigError(f"{name} must be (lo, hi) with 0 < lo <= hi, got {(lo, hi)}")
         if min(self.n_train, self.n_val, self.n_test) < 0:
-            raise ValueError("split sizes must be >= 0")
+            raise ConfigError("split sizes must be >= 0")
         if not 1 <= self.refs_per_scene <= self.objects_range[0]:
-            raise ValueError("refs_per_scene must be in 1..objects_range[0]")
+            raise ConfigError("refs_per_scene must be in 1..objects_range[0]")
         if self.objects_range[0] < 2:
-            raise ValueError("scenes need at least 2 objects, otherwise the phrase is not needed")
+            raise ConfigError("scenes need at least 2 objects, otherwise the phrase is not needed")
         need = self.object_size_range[1] + 2 * _BORDER
         if min(self.width_range[0], self.height_range[0]) < need:
-            raise ValueError(f"images must be at least {need} px per side for the largest object")
+            raise ConfigError(f"images must be at least {need} px per side for the largest object")
         if len(self.kind_weights) != len(EXPRESSION_KINDS) or min(self.kind_weights) < 0:
-            raise ValueError("kind_weights needs one non-negative weight per expression kind")
+            raise ConfigError("kind_weights needs one non-negative weight per expression kind")
         if sum(self.kind_weights) <= 0:
-            raise ValueError("kind_weights must not all be zero")
+            raise ConfigError("kind_weights must not all be zero")
         for name, allowed in (("shapes", SHAPES), ("colours", tuple(COLOURS)), ("backgrounds", BACKGROUNDS)):
             chosen = getattr(self, name)
             if not chosen or any(c not in allowed for c in chosen) or len(set(chosen)) != len(chosen):
-                raise ValueError(f"{name} must be distinct values from {allowed}, got {chosen}")
+                raise ConfigError(f"{name} must be distinct values from {allowed}, got {chosen}")
         if len(self.shapes) < 2 or len(self.colours) < 2:
-            raise ValueError("need at least two shapes and two colours")
+            raise ConfigError("need at least two shapes and two colours")
         if not 0.0 <= self.twin_prob <= 1.0:
-            raise ValueError("twin_prob must be in [0, 1]")
+            raise ConfigError("twin_prob must be in [0, 1]")
 
     def n_scenes(self, split: str) -> int:
         """Number of scenes of ``split``."""

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
+from src.errors import ConfigError
 from src.models.encoders import ConditionSlot
 
 MODES = ("frozen", "all")
@@ -33,7 +34,7 @@ def checkpointing_mode(value: bool | str | None) -> str | None:
         return "frozen"
     if value in MODES:
         return str(value)
-    raise ValueError(f"model.checkpointing must be false, frozen (= true) or all, got {value!r}")
+    raise ConfigError(f"model.checkpointing must be false, frozen (= true) or all, got {value!r}")
 
 
 class RecomputeState:

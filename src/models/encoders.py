@@ -18,6 +18,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
 from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection
 
+from src.errors import ConfigError
 from src.models.row_cache import PriorCache, RowCache, run_context
 
 
@@ -291,7 +292,7 @@ def build_vit(settings: VisionSettings, image_size: int, pretrained: bool, drop_
 def set_sincos_positions(vit: nn.Module, kind: str) -> None:
     """Overwrite a random ViT's patch position rows with a fixed 2D sin-cos table (class slot zero)."""
     if kind != "sincos":
-        raise ValueError(f"vision.random_pos_embed must be 'timm' or 'sincos', got {kind!r}")
+        raise ConfigError(f"vision.random_pos_embed must be 'timm' or 'sincos', got {kind!r}")
     table = build_sincos2d_pos_embed(list(vit.patch_embed.grid_size), vit.embed_dim)
     with torch.no_grad():
         vit.pos_embed.zero_()

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from src.errors import ConfigError
 from src.models.checkpointing import checkpoint_blocks, checkpointing_mode
 from src.models.encoders import (
     PriorSettings,
@@ -91,7 +92,7 @@ class Grounder(nn.Module):
     @property
     def prior_dim(self) -> int:
         if self.prior is None:
-            raise ValueError("this PEFT method needs the CLIP prior, but the grounder was built without one")
+            raise ConfigError("this PEFT method needs the CLIP prior, but the grounder was built without one")
         return self.prior.dim
 
     def set_text_merge(self, module: nn.Module) -> None:
@@ -240,7 +241,7 @@ def build_grounder(
     vs, ts, ps = VisionSettings(**(vision or {})), TextSettings(**(text or {})), PriorSettings(**(prior or {}))
     vit = build_vit(vs, image_size, pretrained, drop_registers=quirks.drop_vision_registers)
     if image_size % vit.patch_embed.patch_size[0]:
-        raise ValueError(f"image_size {image_size} is not a multiple of the patch size {vit.patch_embed.patch_size}")
+        raise ConfigError(f"image_size {image_size} is not a multiple of the patch size {vit.patch_embed.patch_size}")
     bert = build_bert(ts, pretrained, token_type=not quirks.bert_without_token_type)
     clip = None
     if peft.uses_prior:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from torch import nn
 
+from src.errors import ConfigError
+
 if TYPE_CHECKING:
     from src.models.encoders import TextEncoder, VisionEncoder
     from src.quirks import ModelQuirks
@@ -48,7 +50,7 @@ class PeftMethod:
         if layers is not None:
             return layers
         if which not in defaults:
-            raise ValueError(f"no {which} adapter layers configured and the model gives no default")
+            raise ConfigError(f"no {which} adapter layers configured and the model gives no default")
         return defaults[which]
 
 

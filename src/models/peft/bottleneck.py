@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from src.errors import ConfigError
 from src.models.peft.base import PeftMethod, PeftTarget
 from src.models.peft.injection import TextPlacement, VisionPlacement, attach_text, attach_vision
 
@@ -25,7 +26,7 @@ class Bottleneck(nn.Module):
     def __init__(self, dim: int, rank: int, activation: str, scale: float) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+            raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.down = nn.Linear(dim, rank)
         self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(rank, dim)

@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from src.errors import ConfigError
+
 VisionPlacement = Literal["parallel", "serial"]
 TextPlacement = Literal["parallel", "parallel_after_norm", "serial"]
 
@@ -26,7 +28,7 @@ class AdaptedMlp(nn.Module):
     def __init__(self, mlp: nn.Module, adapter: nn.Module, scale: float, placement: VisionPlacement) -> None:
         super().__init__()
         if placement not in ("parallel", "serial"):
-            raise ValueError(f"vision adapter placement must be parallel or serial, got {placement!r}")
+            raise ConfigError(f"vision adapter placement must be parallel or serial, got {placement!r}")
         self.mlp = mlp
         self.adapter = adapter
         self.scale = scale
@@ -43,7 +45,7 @@ class AdaptedBertOutput(nn.Module):
     def __init__(self, output: nn.Module, adapter: nn.Module, placement: TextPlacement) -> None:
         super().__init__()
         if placement not in ("parallel", "parallel_after_norm", "serial"):
-            raise ValueError(f"text placement must be parallel, parallel_after_norm or serial, got {placement!r}")
+            raise ConfigError(f"text placement must be parallel, parallel_after_norm or serial, got {placement!r}")
         self.output = output
         self.adapter = adapter
         self.placement = placement
@@ -61,7 +63,7 @@ def check_layers(layers: Sequence[int], depth: int, what: str) -> list[int]:
     chosen = sorted(set(int(i) for i in layers))
     bad = [i for i in chosen if not 0 <= i < depth]
     if bad:
-        raise ValueError(f"{what} layers {bad} do not exist in a backbone of depth {depth}")
+        raise ConfigError(f"{what} layers {bad} do not exist in a backbone of depth {depth}")
     return chosen
 
 

@@ -8,15 +8,16 @@ method that injects into Linear layers needs only a config file in `conf/peft/`.
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from peft import inject_adapter_in_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from torch import nn
 
+from src.errors import ConfigError
 from src.models.peft.base import PeftMethod, PeftTarget
 from src.models.peft.injection import check_layers
 
@@ -33,7 +34,7 @@ class LibraryPeft(PeftMethod):
     `output.dense`). Layer lists left null take the model's `adapter_layers`.
     """
 
-    config_class: str = "peft.LoraConfig"  # import path of the peft config class
+    config_class: str = "peft.LoraConfig"  # a peft config class by name (`LoraConfig` or `peft.LoraConfig`)
     rank: int | None = 8  # written to the config's `rank_field`; null for rank-free methods (IA3)
     rank_field: str = "r"
     settings: dict[str, Any] = field(default_factory=dict)  # any other fields of the peft config
@@ -47,19 +48,19 @@ class LibraryPeft(PeftMethod):
     text_layers: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
-        self.config_type = import_config_class(self.config_class)
+        self.config_type = peft_config_class(self.config_class)
         names = {f.name for f in fields(self.config_type)}
         unknown = set(self.settings) - names
         if unknown:
-            raise ValueError(f"{self.config_class} has no fields {sorted(unknown)}")
+            raise ConfigError(f"{self.config_class} has no fields {sorted(unknown)}")
         if self.rank is not None and self.rank_field not in names:
-            raise ValueError(f"{self.config_class} has no rank field {self.rank_field!r}; set rank=null or rank_field")
+            raise ConfigError(f"{self.config_class} has no rank field {self.rank_field!r}; set rank=null or rank_field")
         if (self.vision_feedforward or self.text_feedforward) and "feedforward_modules" not in names:
-            raise ValueError(f"{self.config_class} has no feedforward_modules; leave *_feedforward empty")
+            raise ConfigError(f"{self.config_class} has no feedforward_modules; leave *_feedforward empty")
         for targets, feedforward, which in ((self.vision_targets, self.vision_feedforward, "vision"),
                                             (self.text_targets, self.text_feedforward, "text")):
             if not set(feedforward) <= set(targets):
-                raise ValueError(f"{which}_feedforward {list(feedforward)} must be among {which}_targets")
+                raise ConfigError(f"{which}_feedforward {list(feedforward)} must be among {which}_targets")
 
     def inject(self, target: PeftTarget) -> list[nn.Module]:
         tunable: list[nn.Module] = []
@@ -82,16 +83,25 @@ class LibraryPeft(PeftMethod):
         return tunable
 
 
-def import_config_class(path: str) -> type:
-    """The peft config class named by its import path (e.g. `peft.LoraConfig`)."""
-    module, _, name = path.rpartition(".")
+# The peft library's own registry of its methods' config classes, by class name: a config (or a
+# checkpoint's stored config) names one of these, and nothing else is ever imported.
+PEFT_CONFIG_CLASSES: dict[str, type] = {cls.__name__: cls for cls in PEFT_TYPE_TO_CONFIG_MAPPING.values()}
+
+
+def peft_config_name(name: str) -> str:
+    """`peft.LoraConfig` or `LoraConfig` -> `LoraConfig`."""
+    return name.removeprefix("peft.")
+
+
+def peft_config_class(name: str) -> type:
+    """The peft config class called `name` (`LoraConfig`, or `peft.LoraConfig` as the configs write it)."""
     try:
-        cls = getattr(importlib.import_module(module or "peft"), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import the peft config class {path!r}") from err
-    if not isinstance(cls, type):
-        raise ValueError(f"{path!r} is not a class")
-    return cls
+        return PEFT_CONFIG_CLASSES[peft_config_name(name)]
+    except KeyError:
+        raise ConfigError(
+            f"peft.config_class={name!r} is not a config class of the peft library; known: "
+            f"{', '.join(sorted(PEFT_CONFIG_CLASSES))}"
+        ) from None
 
 
 def module_path(root: nn.Module, child: nn.Module) -> str:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from src.errors import ConfigError
 from src.models.encoders import ConditionSlot
 from src.models.peft.base import PeftMethod, PeftTarget
 from src.models.peft.injection import attach_text, attach_vision
@@ -28,7 +29,7 @@ class LoCA(nn.Module):
     ) -> None:
         super().__init__()
         if branch1 + branch2_out != hidden:
-            raise ValueError(f"LoCA branches ({branch1} + {branch2_out}) must add up to hidden ({hidden})")
+            raise ConfigError(f"LoCA branches ({branch1} + {branch2_out}) must add up to hidden ({hidden})")
         self.grid = grid
         self.num_prefix_tokens = num_prefix_tokens
         self.doubled_prefix = doubled_prefix
@@ -133,9 +134,9 @@ class Mapper(PeftMethod):
 
     def __post_init__(self) -> None:
         if self.pgt and not self.prior:
-            raise ValueError("mapper: pgt=true merges the CLIP prior into the text, so it needs prior=true")
+            raise ConfigError("mapper: pgt=true merges the CLIP prior into the text, so it needs prior=true")
         if not (self.loca or self.dypa or self.pgt):
-            raise ValueError("mapper: every component is off; use peft=frozen for that baseline")
+            raise ConfigError("mapper: every component is off; use peft=frozen for that baseline")
 
     @property
     def uses_prior(self) -> bool:
