@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from src.errors import ConfigError
+
 # The settings that make two runs "the same run" (trainer, logging and paths may differ, e.g. to train
 # longer or on another machine).
 RESUME_KEYS = ("task_name", "model", "peft", "data", "optim", "loss", "seed", "pretraining_corpus",
@@ -34,7 +36,7 @@ def find_last_checkpoint(config: Mapping[str, Any], roots: Iterable[str | Path])
         stored = torch.load(path, map_location="cpu", weights_only=True).get("config") or {}
         if comparable(stored) == wanted:
             return path
-    raise FileNotFoundError(
+    raise ConfigError(
         f"ckpt_path=last: none of the {len(candidates)} last.ckpt files under {[str(r) for r in roots]} comes from "
         "a run with these settings (task_name, model, peft, data, optim, loss, seed, pretraining)"
     )

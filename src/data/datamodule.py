@@ -21,6 +21,7 @@ from src.data.readers import SplitFileError, is_degenerate, read_jsonl, read_ref
 from src.data.records import Record
 from src.data.tokenizers import bert_tokenizer, clip_tokenizer
 from src.data.transforms import AugmentSettings, build_transform
+from src.errors import ConfigError
 from src.quirks import MODES, AugmentQuirks
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class GroundingDataModule(L.LightningDataModule):
         """Store the settings; nothing is read until prepare_data/setup."""
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         self.spec: BenchmarkSpec = get_benchmark(dataset)
         self.train_split, self.val_split = train_split, val_split
         self.test_splits = list(test_splits)
@@ -129,7 +130,7 @@ class GroundingDataModule(L.LightningDataModule):
             from src.data.synthetic import ensure_synthetic
 
             if self.cache_dir is None:
-                raise ValueError("data.cache_dir must be set for the synthetic benchmark")
+                raise ConfigError("data.cache_dir must be set for the synthetic benchmark")
             self._synthetic_root = Path(ensure_synthetic(self.cache_dir, **self.synthetic))
         return self._synthetic_root
 
@@ -141,9 +142,9 @@ class GroundingDataModule(L.LightningDataModule):
         from src.data.synthetic import ensure_synthetic
 
         if self.cache_dir is None:
-            raise ValueError("data.cache_dir must be set for the synthetic benchmark")
+            raise ConfigError("data.cache_dir must be set for the synthetic benchmark")
         if seed == self.synthetic.get("seed", 0):
-            raise ValueError(f"the pretraining corpus needs a seed other than the benchmark's ({seed})")
+            raise ConfigError(f"the pretraining corpus needs a seed other than the benchmark's ({seed})")
         settings = {**self.synthetic, "seed": seed, "n_train": scenes, "n_val": 0, "n_test": 0}
         return Path(ensure_synthetic(self.cache_dir, **settings))
 
@@ -158,7 +159,7 @@ class GroundingDataModule(L.LightningDataModule):
         if self.spec.key == "synthetic":
             return self.synthetic_root() / "splits"
         if self._split_root is None:
-            raise ValueError(f"data.split_root must be set for benchmark {self.spec.key!r}")
+            raise ConfigError(f"data.split_root must be set for benchmark {self.spec.key!r}")
         return Path(self._split_root)
 
     @property
@@ -169,7 +170,7 @@ class GroundingDataModule(L.LightningDataModule):
         if self._image_root is not None:
             return Path(self._image_root)
         if self.data_root is None or not self.spec.image_dir:
-            raise ValueError(f"set data.image_root (or data.data_root) for benchmark {self.spec.key!r}")
+            raise ConfigError(f"set data.image_root (or data.data_root) for benchmark {self.spec.key!r}")
         return self.data_root / self.spec.image_dir
 
     # ------------------------------------------------------------------------------------------ reading
@@ -179,9 +180,9 @@ class GroundingDataModule(L.LightningDataModule):
         """The split-file format in use: the reader setting, else the benchmark's."""
         fmt = self.reader.format or ("jsonl" if self.spec.record_shape == "jsonl" else "transvg")
         if fmt not in SPLIT_FORMATS:
-            raise ValueError(f"data.reader.format must be one of {SPLIT_FORMATS}, got {fmt!r}")
+            raise ConfigError(f"data.reader.format must be one of {SPLIT_FORMATS}, got {fmt!r}")
         if fmt == "refer" and self.spec.refer is None:
-            raise ValueError(f"benchmark {self.spec.key!r} has no REFER-format release; use format transvg")
+            raise ConfigError(f"benchmark {self.spec.key!r} has no REFER-format release; use format transvg")
         return fmt
 
     @property
@@ -196,7 +197,7 @@ class GroundingDataModule(L.LightningDataModule):
         if fmt in (None, "auto"):
             return None
         if fmt not in BOX_FORMATS:
-            raise ValueError(f"data.reader.box_format must be one of {(*BOX_FORMATS, 'auto')}, got {fmt!r}")
+            raise ConfigError(f"data.reader.box_format must be one of {(*BOX_FORMATS, 'auto')}, got {fmt!r}")
         return fmt
 
     def _refer_source(self) -> tuple[Path, str, str]:
