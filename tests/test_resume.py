@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from src.errors import ConfigError
 from src.resume import comparable, find_last_checkpoint
 from tests.conftest import PROJECT_ROOT
 from tests.test_default_job import TINY_JOB
@@ -80,5 +81,5 @@ def test_last_checkpoint_is_found_only_for_the_same_settings(tmp_path: Path):
     assert comparable(moved) == comparable(config)  # derived init files do not matter
     assert find_last_checkpoint(moved, [tmp_path]) == older
     assert find_last_checkpoint({**config, "seed": 2}, [tmp_path]) == newer
-    with pytest.raises(FileNotFoundError, match="none of the 2 last.ckpt"):
+    with pytest.raises(ConfigError, match="none of the 2 last.ckpt"):
         find_last_checkpoint({**config, "peft": {"rank": 4}}, [tmp_path])
