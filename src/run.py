@@ -99,13 +99,11 @@ def adopt_checkpoint_model(cfg: DictConfig, stored: dict, source: str) -> None:
 REFUSED_PRECISIONS = ("bf16-true", "16-true", "bf16", "16", "half")
 
 
-def trainer_settings(cfg: DictConfig) -> dict:
-    """Trainer overrides the model decides: official mode under DDP allows unused parameters.
-
-    The official model keeps a dead DyPA projection (trainable, never used, counted by the paper), and
-    plain `ddp` stops at the first backward on a parameter without a gradient; every other method uses
-    all its trainable parameters (tests/test_distributed.py), so plain `ddp` keeps its cheaper path.
-    """
+def trainer_settings(cfg: DictConfig, module: GroundingModule | None = None) -> dict:
+    """Trainer overrides the model decides: a model with trainable parameters that no forward uses (the
+    official DyPA's dead projection: official mode, or clean mode with `dypa_official_init`) makes every
+    DDP-like strategy look for unused parameters; every other model keeps plain DDP's cheaper path
+    (all its trainable parameters get gradients: tests/test_distributed.py)."""
     precision = str(cfg.trainer.get("precision", "32-true"))
     if precision in REFUSED_PRECISIONS:
         raise ConfigError(
@@ -115,17 +113,62 @@ def trainer_settings(cfg: DictConfig) -> dict:
     if cfg.model.get("frozen_bf16") and cfg.get("eval_fp32"):
         raise ConfigError("model.frozen_bf16=true keeps the frozen backbones in bf16, so they cannot evaluate in fp32: "
                          "set eval_fp32=false or model.frozen_bf16=false")
-    if cfg.trainer.get("strategy") == "ddp" and cfg.model.get("mode") == "official":
-        log.info("official mode under DDP: strategy ddp_find_unused_parameters_true (the dead DyPA projection)")
-        return {"strategy": "ddp_find_unused_parameters_true"}
-    return {}
+    unused = module.model.unused_trainable_parameters() if module is not None else []
+    strategy = ddp_with_unused_parameters(cfg.trainer) if unused else None
+    if strategy is None:
+        return {}
+    log.info("%d trainable parameters are never used in forward (first: %s): strategy %s", len(unused), unused[0],
+             strategy)
+    return {"strategy": strategy}
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """The Lightning Trainer with the configured callbacks and loggers."""
+# DDP-like strategies by name -> the same strategy looking for unused parameters.
+FIND_UNUSED = {name: f"{name}_find_unused_parameters_true" for name in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")}
+
+
+def ddp_with_unused_parameters(trainer: DictConfig) -> str | None:
+    """The configured strategy's variant that finds unused parameters, when it runs several processes
+    (`auto` picks DDP for several devices); None when no DDP runs or the strategy is not one by name."""
+    strategy = trainer.get("strategy", "auto")
+    if not isinstance(strategy, str) or strategy.endswith("_find_unused_parameters_true"):
+        return None
+    if strategy in FIND_UNUSED:
+        return FIND_UNUSED[strategy]
+    if strategy == "auto" and process_count(trainer) > 1:
+        return FIND_UNUSED["ddp"]
+    return None
+
+
+def process_count(trainer: DictConfig) -> int:
+    """How many processes the trainer settings start: devices per node (a count, a list, `-1`/`auto` for
+    every visible GPU; one process on CPU) times `num_nodes`."""
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, str) and "," in devices:
+        per_node = len([d for d in devices.split(",") if d.strip()])
+    elif OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        per_node = len(devices)
+    elif str(devices) in ("-1", "auto"):
+        per_node = torch.cuda.device_count() if trainer.get("accelerator") != "cpu" else 1
+    else:
+        per_node = int(devices)
+    return max(per_node, 1) * int(trainer.get("num_nodes", 1) or 1)
+
+
+def build_trainer(cfg: DictConfig, module: GroundingModule | None = None) -> L.Trainer:
+    """The Lightning Trainer with the configured callbacks and loggers, and the settings `module` needs."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_settings(cfg))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_settings(cfg, module))
+
+
+def best_model_score(checkpoint: ModelCheckpoint) -> float | None:
+    """The best checkpoint's monitored score; under `ddp_spawn` only its path comes back to the launching
+    process, so the score is read from the checkpoint's own record of its callback state."""
+    if checkpoint.best_model_score is not None:
+        return float(checkpoint.best_model_score)
+    states = load_checkpoint_file(checkpoint.best_model_path).get("callbacks") or {}
+    scores = [s.get("best_model_score") for s in states.values() if isinstance(s, dict) and "best_model_score" in s]
+    return float(scores[0]) if scores and scores[0] is not None else None
 
 
 def evaluate_splits(trainer: L.Trainer, module: GroundingModule, loaders: list, names: list[str], ckpt: str | None):
@@ -209,7 +252,7 @@ def train_and_test(cfg: DictConfig, progress: RunProgress) -> float | None:
         load_into(module.model, stored_state, stored_prints, str(cfg.ckpt_path))
     params = progress.params = parameter_report(module.model)
     log.info(format_report(params))
-    trainer = progress.trainer = build_trainer(cfg)
+    trainer = progress.trainer = build_trainer(cfg, module)
     for logger in trainer.loggers:  # W&B: the run's config panel; CSV: hparams.yaml
         logger.log_hyperparams({"config": resolved(cfg), "parameters": params})
 
@@ -221,7 +264,7 @@ def train_and_test(cfg: DictConfig, progress: RunProgress) -> float | None:
         checkpoint = trainer.checkpoint_callback
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
             best_ckpt = checkpoint.best_model_path
-            best_score = float(checkpoint.best_model_score)
+            best_score = best_model_score(checkpoint)
         elif "val/acc50" in trainer.callback_metrics:
             best_score = float(trainer.callback_metrics["val/acc50"])
 

@@ -48,13 +48,37 @@ def test_every_trainable_parameter_gets_a_gradient_so_plain_ddp_works(peft: str)
     assert grads and not unused, f"{peft}: plain DDP would stop at the first backward: {unused[:5]}"
 
 
-def test_official_mode_has_exactly_the_dead_projection_unused_and_gets_find_unused() -> None:
-    grads = one_step_grads(module_for("mapper", "model.mode=official"))
+@pytest.mark.parametrize("overrides", [["model.mode=official"], ["model.quirks.dypa_official_init=true"]])
+def test_the_model_knows_exactly_which_trainable_parameters_no_forward_uses(overrides: list[str]) -> None:
+    module = module_for("mapper", *overrides)
+    declared = sorted(module.model.unused_trainable_parameters())
+    grads = one_step_grads(module)
     unused = sorted(n for n, g in grads.items() if g is None)
     assert unused and all(".unused_prior_down." in n for n in unused), unused  # its clip_down_proj
-    cfg = compose(["model.mode=official", "trainer=ddp"])
-    assert trainer_settings(cfg) == {"strategy": "ddp_find_unused_parameters_true"}
-    assert trainer_settings(compose(["trainer=ddp"])) == {}
+    assert declared == unused
+    assert module_for("mapper").model.unused_trainable_parameters() == []
+
+
+SEVERAL = ["trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+@pytest.mark.parametrize("trainer,expected", [
+    (["trainer=ddp"], "ddp_find_unused_parameters_true"),
+    (["trainer.strategy=ddp", *SEVERAL], "ddp_find_unused_parameters_true"),
+    (["trainer.strategy=ddp_spawn", *SEVERAL], "ddp_spawn_find_unused_parameters_true"),
+    (["trainer.strategy=auto", *SEVERAL], "ddp_find_unused_parameters_true"),
+    (["trainer.strategy=auto", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2"],
+     "ddp_find_unused_parameters_true"),
+    (["trainer.strategy=auto", "trainer.devices=1"], None),
+    (["trainer.strategy=ddp_find_unused_parameters_true", *SEVERAL], None),  # already what is needed
+])
+def test_find_unused_parameters_comes_from_the_model_for_every_ddp_like_strategy(trainer: list[str],
+                                                                              expected: str | None) -> None:
+    for model, unused in ((["model.mode=official"], True), (["model.quirks.dypa_official_init=true"], True),
+                          ([], False)):
+        module = module_for("mapper", *model)
+        settings = trainer_settings(compose([*model, *trainer]), module)
+        assert settings == ({"strategy": expected} if unused and expected else {}), (model, trainer)
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
@@ -106,11 +130,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def src_run(out: Path, *overrides: str, devices: int = 1) -> dict:
+def src_run(out: Path, *overrides: str, devices: int = 1, strategy: str = "ddp") -> dict:
     """`python -m src.run` in a subprocess on CPU with `devices` processes; returns its results.json."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "MASTER_PORT": str(free_port()),
            "OMP_NUM_THREADS": "1"}
-    ddp = ["trainer.strategy=ddp", f"trainer.devices={devices}"] if devices > 1 else ["trainer.devices=1"]
+    ddp = [f"trainer.strategy={strategy}", f"trainer.devices={devices}"] if devices > 1 else ["trainer.devices=1"]
     cmd = [sys.executable, "-m", "src.run", "trainer.accelerator=cpu", *ddp, f"paths.output_dir={out}",
            "logger=csv", "visualize=0", "callbacks.progress_bar=null", *overrides]
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -175,6 +199,16 @@ def test_official_mode_trains_under_plain_ddp_config(tmp_path: Path) -> None:
                       "+trainer.limit_train_batches=2", "shuffled_text_check=false", devices=2)
     assert results["status"] == "ok" and results["config"]["model"]["mode"] == "official"
     assert results["splits"]["test"]["n"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "auto"])
+def test_a_model_with_unused_parameters_trains_under_ddp_spawn_and_auto(tmp_path: Path, strategy: str) -> None:
+    root = make_referit_root(tmp_path / "data", {"train": 8, "val": 3, "test": 3})
+    results = src_run(tmp_path / "run", *referit_data(root), "model.quirks.dypa_official_init=true",
+                      "data.batch_size=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "test=false",
+                      "shuffled_text_check=false", devices=2, strategy=strategy)
+    assert results["status"] == "ok" and results["best_val_acc50"] is not None
 
 
 def test_ddp_trainer_configs_compose() -> None:

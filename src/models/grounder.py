@@ -111,6 +111,15 @@ class Grounder(nn.Module):
         ids = {id(p) for m in tunable for p in m.parameters()}
         self.tunable_backbone_names = [n for n, p in self.named_parameters() if id(p) in ids]
 
+    def unused_trainable_parameters(self) -> list[str]:
+        """Trainable parameters that no forward pass uses (their modules say so by `never_in_forward`,
+        e.g. the official DyPA's dead CLIP projection): DDP must be told to look for unused parameters."""
+        return [
+            f"{name}.{param_name}"
+            for name, module in self.named_modules() if getattr(module, "never_in_forward", False)
+            for param_name, param in module.named_parameters() if param.requires_grad
+        ]
+
     # --- forward ----------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> Grounder:
         """Frozen backbones run in eval mode in clean mode: no dropout of any kind, attention dropout

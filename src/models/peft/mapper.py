@@ -80,6 +80,8 @@ class DyPA(nn.Module):
         # The official module also builds a CLIP down-projection its forward never uses; official mode
         # keeps it so that checkpoints load and parameter counts match (it trains nothing).
         self.unused_prior_down = nn.Linear(prior_dim, rank) if official_init and guided else None
+        if self.unused_prior_down is not None:
+            self.unused_prior_down.never_in_forward = True  # DDP must then look for unused parameters
         for lin in (self.scale, self.down, self.up, self.unused_prior_down):
             if lin is None:
                 continue
