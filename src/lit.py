@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -29,6 +31,8 @@ from src.errors import UserError
 from src.losses import GroundingLoss
 from src.metrics import GroundingAccuracy
 from src.models.grounder import Grounder, GrounderOutput
+
+log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("image", "pixel_mask", "text_ids", "text_mask", "prior_ids", "prior_mask", "image_key")
 
@@ -59,6 +63,35 @@ class NonFiniteError(UserError, FloatingPointError):
     """A NaN or infinite loss or gradient; the message names the step, the batch's images and the loss terms."""
 
 
+@dataclass
+class OverflowGuard:
+    """When fp16 training has gone wrong for good: GradScaler skips an overflowing step and halves its scale,
+    which is routine, but `max_skipped_steps` consecutive skipped steps, or a scale pushed below
+    `min_loss_scale`, mean the loss diverged or the model cannot train in fp16."""
+
+    max_skipped_steps: int = 20
+    min_loss_scale: float = 2.0**-14
+    skipped: int = field(default=0, init=False)  # consecutive skipped steps so far
+
+    def after_step(self, finite: bool, scale: float, backoff: float) -> str | None:
+        """Count this step (finite gradients reset the count); the reason to stop, or None."""
+        self.skipped = 0 if finite else self.skipped + 1
+        if finite:
+            return None
+        if self.skipped >= self.max_skipped_steps or scale * backoff < self.min_loss_scale:
+            return (f"{self.skipped} consecutive steps overflowed and the loss scale fell to {scale * backoff:g} "
+                    f"(limits: overflow_guard.max_skipped_steps={self.max_skipped_steps}, "
+                    f"overflow_guard.min_loss_scale={self.min_loss_scale:g}); the loss diverges or the model "
+                    "cannot train in fp16: lower the learning rate or use trainer.precision=bf16-mixed")
+        return None
+
+
+def grad_scaler(trainer: L.Trainer) -> torch.amp.GradScaler | None:
+    """The trainer's enabled fp16 GradScaler (16-mixed precision), else None."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
 class GroundingModule(L.LightningModule):
     """Wraps a Grounder: loss, optimiser groups, validation on `val`, testing on named splits.
 
@@ -77,6 +110,7 @@ class GroundingModule(L.LightningModule):
         config: dict[str, Any] | None = None,
         eval_fp32: bool = False,
         choices: dict[str, str] | None = None,
+        overflow_guard: OverflowGuard | None = None,
     ) -> None:
         super().__init__()
         # No save_hyperparameters: checkpoints carry the resolved run config as plain data instead, so
@@ -100,6 +134,7 @@ class GroundingModule(L.LightningModule):
         self.test_metrics = nn.ModuleList()
         self.skipped = SkippedRecords()  # records left out of their batch under data.bad_records=skip
         self.eval_fp32 = eval_fp32  # validation and test without autocast (the official evaluation is fp32)
+        self.overflow_guard = overflow_guard or OverflowGuard()
 
     def evaluate(self, batch: dict[str, Any]) -> torch.Tensor:
         """Predicted boxes for an evaluation batch, in fp32 without autocast when eval_fp32 is set."""
@@ -130,8 +165,12 @@ class GroundingModule(L.LightningModule):
             return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
         losses = self.loss(self(batch).boxes, batch["box"])
         self._last_batch = (batch.get("image_file"), {k: v.detach() for k, v in losses.items()})
-        if not torch.isfinite(torch.stack(list(self._last_batch[1].values()))).all():  # one host sync per step
-            self._non_finite("loss")
+        local_bad = ~torch.isfinite(torch.stack(list(self._last_batch[1].values()))).all()
+        bad = local_bad.float()
+        if self.trainer.world_size > 1:  # every process learns of a bad loss anywhere and stops with the others
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bad.item():  # one host sync per step
+            self._non_finite("loss", local=bool(local_bad))
         if self._logging_step():
             self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(batch["box"]))
             self.log_dict({"train/l1": losses["l1"], "train/giou": losses["giou"]}, batch_size=len(batch["box"]))
@@ -145,19 +184,43 @@ class GroundingModule(L.LightningModule):
         return True if connector is None else bool(connector.should_update_logs)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Stop before a non-finite gradient reaches the weights (the last checkpoint stays good)."""
+        """Stop before a non-finite gradient reaches the weights (the last checkpoint stays good).
+
+        Under DDP the gradients are already averaged over processes, so every process sees the same verdict
+        and all stop together. With fp16's GradScaler an overflow is routine: the scaler skips that step and
+        lowers its scale, so only a collapse stops the run (`OverflowGuard`).
+        """
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+        finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        scaler = grad_scaler(self.trainer)
+        if scaler is not None:
+            collapse = self.overflow_guard.after_step(finite, scaler.get_scale(), scaler.get_backoff_factor())
+            if collapse:
+                self._non_finite(f"gradient in fp16: {collapse}")
+            if not finite:
+                log.info("fp16 overflow at global step %d: GradScaler skips the step and lowers its scale to %g",
+                         self.global_step, scaler.get_scale() * scaler.get_backoff_factor())
+            return
+        if not finite:
             bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
             self._non_finite(f"gradient of {len(bad)} tensors (first: {', '.join(bad[:3])})")
 
-    def _non_finite(self, what: str) -> None:
+    def _non_finite(self, what: str, local: bool = True) -> None:
+        """Raise NonFiniteError naming the step, the loss terms and the batch's images; with several
+        processes, every process raises the same message, naming the processes that saw it (`local`)."""
         files, terms = self._last_batch
         terms = {k: float(v) for k, v in terms.items()}
         shown = ", ".join(map(str, (files or [])[:8])) + (" ..." if files and len(files) > 8 else "")
+        detail = f"loss terms {terms}; batch images: {shown or 'unknown'}"
+        where = ""
+        if self.trainer.world_size > 1:
+            details: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(details, detail if local else None)
+            seen = [(rank, d) for rank, d in enumerate(details) if d is not None]
+            where = f" on process(es) {[rank for rank, _ in seen]} of {self.trainer.world_size}"
+            detail = "; ".join(f"process {rank}: {d}" for rank, d in seen)
         raise NonFiniteError(
-            f"non-finite {what} at global step {self.global_step} (epoch {self.current_epoch}); "
-            f"loss terms {terms}; batch images: {shown or 'unknown'}"
+            f"non-finite {what} at global step {self.global_step} (epoch {self.current_epoch}){where}; {detail}"
         )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:

@@ -25,7 +25,7 @@ from omegaconf.errors import InterpolationResolutionError
 from src.backbone_pretraining import apply_backbone_pretraining
 from src.checkpoints import load_checkpoint_file, load_into, read_checkpoint
 from src.errors import ConfigError, as_user_error, reported_errors
-from src.lit import GroundingModule
+from src.lit import GroundingModule, OverflowGuard
 from src.loggers import finish_wandb
 from src.params import format_report, parameter_report
 from src.report import prediction_grid, print_table, split_metrics, write_results
@@ -53,6 +53,7 @@ def build_module(cfg: DictConfig) -> GroundingModule:
         config=resolved(cfg),
         eval_fp32=bool(cfg.get("eval_fp32", False)),
         choices=hydra_choices(),
+        overflow_guard=OverflowGuard(**(cfg.get("overflow_guard") or {})),
     )
 
 

@@ -211,6 +211,28 @@ def test_a_model_with_unused_parameters_trains_under_ddp_spawn_and_auto(tmp_path
     assert results["status"] == "ok" and results["best_val_acc50"] is not None
 
 
+@pytest.mark.slow
+def test_a_nan_loss_on_one_process_stops_every_process_with_one_message(tmp_path: Path) -> None:
+    root = make_referit_root(tmp_path / "data", {"train": 16, "val": 3, "test": 3})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "src.run", "trainer.accelerator=cpu", "trainer.strategy=ddp", "trainer.devices=2",
+           f"paths.output_dir={out}", "logger=csv", "visualize=0", "callbacks.progress_bar=null", *referit_data(root),
+           "data.batch_size=2", "trainer.max_epochs=1", "loss._target_=tests.nan_loss.NaNLossOnRank", "+loss.rank=1",
+           "+loss.at_call=3"]
+    # before the all-rank stop, process 0 waited in the gradient all-reduce until the collective timeout
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    expected = "non-finite loss at global step 2 (epoch 0) on process(es) [1] of 2; process 1: loss terms"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1] and expected in errors[0], proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed" and expected in results["reason"]
+    leftover = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True)
+    assert not leftover.stdout.strip(), "a process of the run is still alive"
+
+
 def test_ddp_trainer_configs_compose() -> None:
     for trainer in ("cpu", "gpu", "ddp"):
         cfg = compose([f"trainer={trainer}"])
