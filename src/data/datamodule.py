@@ -221,23 +221,28 @@ class GroundingDataModule(L.LightningDataModule):
         return read_transvg(self.split_file(split), self.box_format, self.int_boxes)
 
     def usable_records(self, split: str) -> list[Record]:
-        """A split's records minus degenerate boxes (if drop_degenerate), read once per split.
+        """A split's records minus degenerate boxes (if drop_degenerate), read once per split."""
+        if split not in self._records:
+            self.adopt_records(split, self.read_split(split))
+        return self._records[split]
+
+    def adopt_records(self, split: str, records: list[Record]) -> list[Record]:
+        """Take a split's records as read as the ones it uses: degenerate boxes dropped (if drop_degenerate).
 
         A split with no usable record is an error naming its file (an empty loader would fail later with
-        a message naming nothing).
+        a message naming nothing). The data doctor calls this on the records it has read, so that it
+        refuses exactly what a run refuses.
         """
-        if split not in self._records:
-            records = self.read_split(split)
-            if not records:
-                raise SplitFileError(f"{self.split_file(split)}: split {split!r} has no records")
-            usable = self._drop_degenerate(split, records)
-            if not usable:
-                raise SplitFileError(
-                    f"{self.split_file(split)}: split {split!r}: all {len(records)} records have a zero or "
-                    "negative size box (data.reader.drop_degenerate=false keeps them)"
-                )
-            self._records[split] = usable
-        return self._records[split]
+        if not records:
+            raise SplitFileError(f"{self.split_file(split)}: split {split!r} has no records")
+        usable = self._drop_degenerate(split, records)
+        if not usable:
+            raise SplitFileError(
+                f"{self.split_file(split)}: split {split!r}: all {len(records)} records have a zero or "
+                "negative size box (data.reader.drop_degenerate=false keeps them)"
+            )
+        self._records[split] = usable
+        return usable
 
     def reading_problems(self) -> dict[str, dict[str, int]]:
         """Records left out at reading, per split and reason (for results.json)."""
@@ -269,17 +274,11 @@ class GroundingDataModule(L.LightningDataModule):
             self._tokenizers = (bert_tokenizer(self.bert_vocab), clip_tokenizer(self.clip_vocab))
         return self._tokenizers
 
-    def make_dataset(
-        self, split: str, train: bool, phrase_permutation_seed: int | None = None
-    ) -> Dataset:
-        """A RecordDataset over a split's usable records with the train or eval transform.
-
-        With `cache_samples`, a split whose transform is deterministic (eval, or train with augmentation
-        off) is computed once into memory instead.
-        """
+    def record_dataset(self, split: str, train: bool, phrase_permutation_seed: int | None = None) -> RecordDataset:
+        """A RecordDataset over a split's usable records with the train or eval transform."""
         bert, clip = self.tokenizers()
         transform = build_transform(train, self.image_size, self.augment, self.mode, self.augment_quirks)
-        dataset = RecordDataset(
+        return RecordDataset(
             self.usable_records(split),
             self.image_root,
             transform,
@@ -292,6 +291,16 @@ class GroundingDataModule(L.LightningDataModule):
             clip_boxes=self.mode == "clean",
             exif_transpose=self.exif_transpose,
         )
+
+    def make_dataset(
+        self, split: str, train: bool, phrase_permutation_seed: int | None = None
+    ) -> Dataset:
+        """The split's RecordDataset (see record_dataset).
+
+        With `cache_samples`, a split whose transform is deterministic (eval, or train with augmentation
+        off) is computed once into memory instead.
+        """
+        dataset = self.record_dataset(split, train, phrase_permutation_seed)
         if self.cache_samples and not (train and self.augment.enabled):
             log.info("caching the %d samples of %s in memory", len(dataset), split)
             return CachedSamples(dataset)

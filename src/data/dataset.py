@@ -102,19 +102,27 @@ class RecordDataset(Dataset):
         record = self.records[index]
         return f"{self.source}: record {index} ({record.image}, {record.phrase!r})"
 
-    def image_and_box(self, index: int) -> tuple[Image.Image, Box]:
-        """A record's RGB image and its box (clipped when set); BadRecordError when either is unusable."""
-        record = self.records[index]
+    def read_image(self, index: int) -> Image.Image:
+        """A record's image, decoded in full as RGB; BadRecordError ("unreadable image") when it cannot be."""
         try:
-            image = load_image(self.image_root / record.image, self.where(index), self.exif_transpose)
+            return load_image(self.image_root / self.records[index].image, self.where(index), self.exif_transpose)
         except ImageReadError as err:
             raise BadRecordError(f"unreadable image: {err}") from None
-        if box_misses_image(record.box, image.size):
+
+    def checked_box(self, index: int, size: tuple[int, int]) -> Box:
+        """A record's box on an image of `size` (clipped when set); BadRecordError when it misses the image."""
+        box = self.records[index].box
+        if box_misses_image(box, size):
             raise BadRecordError(
-                f"box outside the image: {self.where(index)}: box {record.box} lies outside the "
-                f"{image.width}x{image.height} image"
+                f"box outside the image: {self.where(index)}: box {box} lies outside the "
+                f"{size[0]}x{size[1]} image"
             )
-        return image, clip_to_image(record.box, image.size) if self.clip_boxes else record.box
+        return clip_to_image(box, size) if self.clip_boxes else box
+
+    def image_and_box(self, index: int) -> tuple[Image.Image, Box]:
+        """A record's RGB image and its box (clipped when set); BadRecordError when either is unusable."""
+        image = self.read_image(index)
+        return image, self.checked_box(index, image.size)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Load, transform and tokenise one record (or describe why it was skipped, under "skip")."""
