@@ -165,9 +165,12 @@ def check_read_records(report: SplitReport, records: Sequence[Record]) -> None:
     _count_problem(report, records, empty, "empty phrases")
 
 
-def check_boxes(report: SplitReport, dataset: RecordDataset, images: ImageCheck) -> None:
+def check_boxes(report: SplitReport, read: Sequence[Record], dataset: RecordDataset, images: ImageCheck) -> None:
     """Boxes against their decoded image with the run's own check: entirely outside (a bad record) apart from
-    partly outside (clipped in clean mode, kept in official mode); then the bad records under the policy."""
+    partly outside (clipped in clean mode, kept in official mode); then the bad records under the policy.
+
+    `read` are the split's records as read; examples name a record by its place there, as the run does.
+    """
     records = dataset.records
     sized = [i for i, r in enumerate(records) if r.image in images.sizes]
     failures: dict[int, str] = {}
@@ -180,9 +183,12 @@ def check_boxes(report: SplitReport, dataset: RecordDataset, images: ImageCheck)
     partly = [i for i in sized if i not in failures and outside_image(records[i].box, images.sizes[records[i].image])]
     report.boxes_checked_against_image = len(sized)
     report.boxes_entirely_outside_image, report.boxes_partly_outside_image = len(entirely), len(partly)
-    _count_problem(report, records, entirely, "boxes entirely outside their image")
+    _count_problem(report, read, [dataset.positions[i] for i in entirely], "boxes entirely outside their image")
     _count_problem(
-        report, records, partly, "boxes partly outside their image (clipped in clean mode, kept in official mode)"
+        report,
+        read,
+        [dataset.positions[i] for i in partly],
+        "boxes partly outside their image (clipped in clean mode, kept in official mode)",
     )
     bad_images = [i for i, r in enumerate(records) if r.image in images.errors]
     if bad_images:  # the first record of an unreadable image: the one its error was made for
@@ -255,7 +261,7 @@ def check_split(dm: Any, split: str, max_open: int, bert: Any) -> SplitReport:
     report.images = len({r.image for r in usable})
     images = check_images(dataset, max_open)
     check_image_report(report, dm.image_root, images)
-    check_boxes(report, dataset, images)
+    check_boxes(report, records, dataset, images)
     return report
 
 

@@ -49,13 +49,6 @@ class ReaderSettings:
         return cls(**checked_fields(cls, config, "reader"))
 
 
-def split_degenerate(records: Sequence[Record]) -> tuple[list[Record], list[int]]:
-    """Separate records with degenerate boxes: (kept records, indices of the degenerate ones)."""
-    bad = [i for i, r in enumerate(records) if is_degenerate(r.box)]
-    bad_set = set(bad)
-    return [r for i, r in enumerate(records) if i not in bad_set], bad
-
-
 class GroundingDataModule(L.LightningDataModule):
     """Reads a benchmark's splits (TransVG .pth, REFER, JSONL or the synthetic generator) into loaders."""
 
@@ -115,6 +108,7 @@ class GroundingDataModule(L.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self.dropped: dict[str, int] = {}
         self._records: dict[str, list[Record]] = {}
+        self._positions: dict[str, list[int]] = {}  # per split: each usable record's place among those read
 
     # ------------------------------------------------------------------------------------------ roots
 
@@ -235,24 +229,25 @@ class GroundingDataModule(L.LightningDataModule):
         """
         if not records:
             raise SplitFileError(f"{self.split_file(split)}: split {split!r} has no records")
-        usable = self._drop_degenerate(split, records)
-        if not usable:
+        kept = self._drop_degenerate(split, records)
+        if not kept:
             raise SplitFileError(
                 f"{self.split_file(split)}: split {split!r}: all {len(records)} records have a zero or "
                 "negative size box (data.reader.drop_degenerate=false keeps them)"
             )
-        self._records[split] = usable
-        return usable
+        self._records[split], self._positions[split] = [records[i] for i in kept], kept
+        return self._records[split]
 
     def reading_problems(self) -> dict[str, dict[str, int]]:
         """Records left out at reading, per split and reason (for results.json)."""
         return {split: {"degenerate box": n} for split, n in self.dropped.items() if n}
 
-    def _drop_degenerate(self, split: str, records: list[Record]) -> list[Record]:
-        """Drop degenerate boxes when drop_degenerate is set, with a warning and a count in `dropped`."""
+    def _drop_degenerate(self, split: str, records: list[Record]) -> list[int]:
+        """The positions of the records kept: those with a box of positive size when drop_degenerate is set
+        (with a warning and a count in `dropped`), else all."""
         if not self.reader.drop_degenerate:
-            return records
-        kept, bad = split_degenerate(records)
+            return list(range(len(records)))
+        bad = [i for i, r in enumerate(records) if is_degenerate(r.box)]
         self.dropped[split] = len(bad)
         if bad:
             log.warning(
@@ -264,7 +259,8 @@ class GroundingDataModule(L.LightningDataModule):
                 bad[0],
                 records[bad[0]],
             )
-        return kept
+        bad_set = set(bad)
+        return [i for i in range(len(records)) if i not in bad_set]
 
     # ------------------------------------------------------------------------------------------ datasets
 
@@ -278,8 +274,9 @@ class GroundingDataModule(L.LightningDataModule):
         """A RecordDataset over a split's usable records with the train or eval transform."""
         bert, clip = self.tokenizers()
         transform = build_transform(train, self.image_size, self.augment, self.mode, self.augment_quirks)
+        records = self.usable_records(split)
         return RecordDataset(
-            self.usable_records(split),
+            records,
             self.image_root,
             transform,
             bert,
@@ -290,6 +287,7 @@ class GroundingDataModule(L.LightningDataModule):
             bad_records=self.bad_records,
             clip_boxes=self.mode == "clean",
             exif_transpose=self.exif_transpose,
+            positions=self._positions[split],
         )
 
     def make_dataset(

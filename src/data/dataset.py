@@ -53,8 +53,10 @@ class RecordDataset(Dataset):
     derangement) while keeping its own box: accuracy on it measures how much a model relies on language.
     A record whose image cannot be read or whose box lies entirely outside its image fails with an error
     naming `source` and the record (`bad_records="fail"`), or becomes a `skipped` sample that `collate`
-    leaves out of its batch (`"skip"`). `clip_boxes` clips boxes to their image (clean mode; the official
-    loader does not); `exif_transpose` turns images upright by their EXIF orientation first.
+    leaves out of its batch (`"skip"`); messages number a record by `positions` (its place among the
+    split's records as read, before degenerate boxes were dropped; default: its index). `clip_boxes`
+    clips boxes to their image (clean mode; the official loader does not); `exif_transpose` turns images
+    upright by their EXIF orientation first.
     """
 
     def __init__(
@@ -70,9 +72,11 @@ class RecordDataset(Dataset):
         bad_records: str = "fail",
         clip_boxes: bool = True,
         exif_transpose: bool = False,
+        positions: Sequence[int] | None = None,
     ) -> None:
         """Keep the records and helpers; draw the phrase permutation once if a seed is given."""
         self.records = list(records)
+        self.positions = list(range(len(self.records)) if positions is None else positions)
         self.image_root = Path(image_root)
         self.transform = transform
         self.bert_tok = bert_tok
@@ -98,9 +102,9 @@ class RecordDataset(Dataset):
         return self.records[source].phrase
 
     def where(self, index: int) -> str:
-        """`<split file>: record <i> (<image>, <phrase>)`, for messages."""
+        """`<split file>: record <position> (<image>, <phrase>)`, for messages."""
         record = self.records[index]
-        return f"{self.source}: record {index} ({record.image}, {record.phrase!r})"
+        return f"{self.source}: record {self.positions[index]} ({record.image}, {record.phrase!r})"
 
     def read_image(self, index: int) -> Image.Image:
         """A record's image, decoded in full as RGB; BadRecordError ("unreadable image") when it cannot be."""
