@@ -71,7 +71,9 @@ def _run(capsys, *args: str) -> tuple[int, str]:
 
 
 def _referit_args(root: Path) -> list[str]:
-    return ["data=referit", f"data.split_root={root / 'splits'}", f"data.image_root={root / 'images'}"]
+    """A ReferIt config over `root` whose batch (2) fits the 6 train records, as a run needs."""
+    return ["data=referit", f"data.split_root={root / 'splits'}", f"data.image_root={root / 'images'}",
+            "data.batch_size=2"]
 
 
 def test_healthy_root_passes(tmp_path: Path, capsys) -> None:
@@ -89,14 +91,17 @@ def test_broken_root_is_diagnosed(tmp_path: Path, capsys) -> None:
     report = json.loads(out)
     assert code == 1 and not report["usable"]
     train, val, test = (report["splits"][s] for s in ("train", "val", "test"))
-    assert train["usable"]
+    assert not train["usable"]  # a run stops at its first missing or unreadable image
     assert (train["missing_images"], train["unreadable_images"], train["degenerate_boxes"]) == (1, 1, 1)
-    assert (train["empty_phrases"], train["boxes_outside_image"], train["long_phrases"]) == (1, 1, 1)
-    assert train["boxes_checked_against_image"] == 4  # the 4 records whose image could be opened
+    assert (train["empty_phrases"], train["boxes_partly_outside_image"], train["long_phrases"]) == (1, 1, 1)
+    assert (train["boxes_entirely_outside_image"], train["bad_records"]) == (0, 2)
+    assert train["boxes_checked_against_image"] == 3  # the degenerate record is dropped; 2 images unreadable
     problems = "\n".join(train["problems"])
     assert "train0.jpg" in problems and "zero width" in problems and "past the right edge" in problems
+    assert any(p.startswith(f"unreadable image: {train['file']}: record 0 (train0.jpg, 'missing image')")
+               for p in train["problems"])
     assert "max_query_len=16" in train["notes"][0]
-    assert not val["usable"] and val["missing_images"] == 3 and "no readable image" in val["problems"][-1]
+    assert not val["usable"] and val["missing_images"] == 3 and "no readable image" in "\n".join(val["problems"])
     assert not test["usable"] and "split file not found" in test["problems"][0]
 
 
@@ -106,16 +111,20 @@ def test_all_degenerate_boxes_make_a_split_unusable(tmp_path: Path, capsys) -> N
     code, out = _run(capsys, *_referit_args(root), "output=json", "splits=val")
     report = json.loads(out)
     assert code == 1 and list(report["splits"]) == ["val"]
-    assert report["splits"]["val"]["problems"][-1] == "every box is degenerate"
+    assert report["splits"]["val"]["problems"][-1].endswith(
+        "referit_val.pth: split 'val': all 1 records have a zero or negative size box "
+        "(data.reader.drop_degenerate=false keeps them)")
 
 
 def test_table_output_and_max_open(tmp_path: Path, capsys) -> None:
     code, out = _run(capsys, *_referit_args(_broken(tmp_path)), "max_open=2")
     assert code == 1
-    assert "missing images" in out and "problem: missing images: 1 of 6" in out
+    assert "missing images" in out and "problem: missing images: 1 of 5" in out  # the degenerate one dropped
     assert "UNUSABLE" in out and "some split is unusable" in out
     code, out = _run(capsys, *_referit_args(_healthy(tmp_path / "ok")), "max_open=2", "output=json")
-    assert code == 0 and json.loads(out)["splits"]["train"]["opened_images"] == 2
+    train = json.loads(out)["splits"]["train"]
+    assert code == 0 and train["opened_images"] == 2
+    assert train["notes"] == ["4 images not opened (max_open): a run may still fail on them"]
 
 
 def test_missing_coco_images_hint_at_mappers_folder(tmp_path: Path, capsys) -> None:

@@ -8,20 +8,24 @@ test_refer_pickle_with_a_forbidden_global_is_refused), a checkpoint of another c
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from PIL import Image
 
 from src import predict
 from src.checkpoints import read_checkpoint
 from src.config import compose
+from src.data import check
 from src.data.datamodule import GroundingDataModule
 from src.data.dataset import RecordDataset, collate
 from src.data.images import ImageReadError, load_image
@@ -258,6 +262,136 @@ def test_train_split_smaller_than_one_batch_fails_instead_of_training_nothing(tm
         dm.train_dataloader()
     assert len(make_dm(root, batch_size=4, drop_last=False).train_dataloader()) == 1
     assert len(make_dm(root, batch_size=3).train_dataloader()) == 1
+
+
+# ------------------------------------------------------------------------------- the data doctor agrees with the run
+
+TRAIN_ROWS = [{"image": f"train{i}.jpg", "bbox": [4, 4, 40, 30], "phrase": p}
+              for i, p in enumerate(["the red wall", "the café sign", "a door", "the roof"])]
+
+
+def write_split(root: Path, split: str, rows: list[dict], bom: bool = False, newline: str = "\n",
+                encoding: str = "utf-8") -> None:
+    """A JSONL split file of `rows`, written as another tool might: byte-order mark, line ends, encoding."""
+    text = newline.join(json.dumps(row, ensure_ascii=False) for row in rows) + newline
+    (root / "splits" / f"{split}.jsonl").write_bytes((codecs.BOM_UTF8 if bom else b"") + text.encode(encoding))
+
+
+def custom_benchmark(root: Path) -> Path:
+    """A healthy `data=custom` benchmark: train (4 records), val and test (2 each), 64 x 48 JPEGs."""
+    (root / "splits").mkdir(parents=True)
+    (root / "images").mkdir()
+    for split, rows in (("train", TRAIN_ROWS), ("val", TRAIN_ROWS[:2]), ("test", TRAIN_ROWS[2:])):
+        rows = [row | {"image": row["image"].replace("train", split)} for row in rows]
+        for row in rows:
+            Image.new("RGB", (64, 48), (30, 120, 200)).save(root / "images" / row["image"])
+        write_split(root, split, rows)
+    return root
+
+
+def train_box(box: list[float]) -> list[dict]:
+    """The train rows with record 1's box replaced."""
+    return [row | {"bbox": box} if i == 1 else row for i, row in enumerate(TRAIN_ROWS)]
+
+
+RECORD_1 = r"^{}: .*train\.jsonl: record 1 \(train1\.jpg, 'the café sign'\): "
+IMAGE_1 = RECORD_1.format("unreadable image") + r"cannot read image .*train1\.jpg: "
+
+# (case, what it does to the healthy benchmark, extra overrides, the run's message: None = it runs)
+HARD_INPUTS = [
+    ("good data", lambda root: None, [], None),
+    ("truncated JPEG", lambda root: truncated_jpeg(root / "images/train1.jpg"), [],
+     IMAGE_1 + "Truncated File Read"),
+    ("zero-byte image", lambda root: (root / "images/train1.jpg").write_bytes(b""), [],
+     IMAGE_1 + "cannot identify image file"),
+    ("missing image", lambda root: (root / "images/train1.jpg").unlink(), [], IMAGE_1 + r"\[Errno 2\] No such file"),
+    ("unreadable image under bad_records=skip", lambda root: truncated_jpeg(root / "images/train1.jpg"),
+     ["data.bad_records=skip"], None),
+    ("box entirely outside", lambda root: write_split(root, "train", train_box([100, 60, 120, 90])), [],
+     RECORD_1.format("box outside the image") + r"box \(100\.0, 60\.0, 120\.0, 90\.0\) lies outside the 64x48 image"),
+    # messages number a record by its place in the split file, also when an earlier record was dropped (a
+    # fifth record keeps the 4 usable ones a multiple of the batch: with drop_last, an epoch leaves out the
+    # remainder, and a bad record there would only be met in a later epoch)
+    ("box entirely outside, after a degenerate box",
+     lambda root: write_split(root, "train", [TRAIN_ROWS[0] | {"bbox": [20, 4, 20, 30]},
+                                              *train_box([100, 60, 120, 90])[1:], TRAIN_ROWS[0]]),
+     [], RECORD_1.format("box outside the image")),
+    ("box partly outside (clipped)", lambda root: write_split(root, "train", train_box([-10, 4, 90, 30])), [], None),
+    ("box partly outside, official mode (kept)", lambda root: write_split(root, "train", train_box([-10, 4, 90, 30])),
+     ["data.mode=official"], None),
+    ("degenerate box (dropped)", lambda root: write_split(root, "train", train_box([20, 4, 20, 30])), [], None),
+    ("train split of one record, smaller than the batch", lambda root: write_split(root, "train", TRAIN_ROWS[:1]), [],
+     r"train\.jsonl: the train split has 1 usable records, 1 per process over 1, fewer than one batch of 2 with "
+     r"data\.drop_last=true"),
+    ("empty val split", lambda root: write_split(root, "val", []), [], r"val\.jsonl: split 'val' has no records$"),
+    ("JSONL with a byte-order mark", lambda root: write_split(root, "train", TRAIN_ROWS, bom=True), [], None),
+    # CRLF line ends with a blank line after every record, and a field the reader does not know
+    ("JSONL with CRLF, blank lines, extra fields",
+     lambda root: write_split(root, "train", [row | {"source": "notepad"} for row in TRAIN_ROWS], newline="\r\n\r\n"),
+     [], None),
+    ("JSONL with non-UTF-8 bytes", lambda root: write_split(root, "train", TRAIN_ROWS, encoding="latin-1"), [],
+     r"train\.jsonl:2: not UTF-8 text \(byte 0xe9 at byte 67 of the line\); save the file as UTF-8$"),
+]
+
+
+def run_data_path(overrides: list[str]) -> str | None:
+    """Put every sample through the run's own data path (the datamodule from the composed config, setup and
+    every loader, as fit and test use them); the message of the DataError the run stops with, or None."""
+    datamodule = instantiate(compose(overrides).data)
+    try:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        loaders = [datamodule.train_dataloader(), datamodule.val_dataloader()]
+        datamodule.setup("test")
+        for loader in [*loaders, *datamodule.test_dataloader()]:
+            for _ in loader:
+                pass
+    except DataError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize(("change", "extra", "expected"), [case[1:] for case in HARD_INPUTS],
+                         ids=[case[0] for case in HARD_INPUTS])
+def test_the_data_doctor_and_the_run_agree(tmp_path: Path, capsys, change, extra: list[str],
+                                           expected: str | None) -> None:
+    root = custom_benchmark(tmp_path)
+    change(root)
+    overrides = ["data=custom", f"data.split_root={root / 'splits'}", f"data.image_root={root / 'images'}",
+                 "data.batch_size=2", "data.num_workers=0", *extra]
+    stopped = run_data_path(overrides)
+    code = check.main([*overrides, "output=json"])
+    report = json.loads(capsys.readouterr().out)
+    unusable = {name: split["problems"] for name, split in report["splits"].items() if not split["usable"]}
+    if expected is None:
+        assert stopped is None and code == 0 and not unusable, (stopped, unusable)
+    else:
+        assert stopped is not None and re.search(expected, stopped), stopped
+        assert code == 1 and len(unusable) == 1 and stopped in next(iter(unusable.values())), (stopped, unusable)
+
+
+def test_the_doctor_counts_boxes_entirely_and_partly_outside_apart(tmp_path: Path, capsys) -> None:
+    root = custom_benchmark(tmp_path)
+    write_split(root, "train", [*train_box([100, 60, 120, 90]), TRAIN_ROWS[0] | {"bbox": [-10, 4, 90, 30]}])
+    args = [f"data.split_root={root / 'splits'}", f"data.image_root={root / 'images'}", "data.batch_size=2"]
+    assert check.main(["data=custom", *args, "data.bad_records=skip", "splits=train", "output=json"]) == 0
+    train = json.loads(capsys.readouterr().out)["splits"]["train"]
+    counts = (train["boxes_entirely_outside_image"], train["boxes_partly_outside_image"], train["bad_records"])
+    assert counts == (1, 1, 1) and train["usable"]
+    skipped = "records a run skips (data.bad_records=skip): 1, e.g. box outside the image: "
+    assert any(problem.startswith(skipped) for problem in train["problems"])
+
+
+@pytest.mark.parametrize(("encoding", "match"), [("utf-8-sig", None), ("latin-1", r"q\.jsonl:2: not UTF-8 text")])
+def test_predict_inputs_file_as_other_tools_write_it(tmp_path: Path, encoding: str, match: str | None) -> None:
+    rows = [{"box_format": "xywh"}, {"image": "a.png", "phrase": "the café", "bbox": [1, 2, 3, 4]}]
+    (tmp_path / "q.jsonl").write_bytes("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode(encoding))
+    if match is None:
+        assert predict.read_queries(tmp_path / "q.jsonl", None, "xyxy") == [
+            predict.Query(tmp_path / "a.png", "the café", (1.0, 2.0, 4.0, 6.0))]
+    else:
+        with pytest.raises(SplitFileError, match=match):
+            predict.read_queries(tmp_path / "q.jsonl", None, "xyxy")
 
 
 # ------------------------------------------------------------------------------- whole runs

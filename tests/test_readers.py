@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import os
@@ -16,6 +17,7 @@ from src.data.benchmarks import BENCHMARKS, get_benchmark
 from src.data.readers import (
     SplitFileError,
     detect_box_format,
+    jsonl_declared_format,
     load_transvg_raw,
     read_jsonl,
     read_refer,
@@ -333,6 +335,48 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path: Path, line: object, mat
     )
     with pytest.raises(SplitFileError, match=match):
         read_jsonl(path, "xyxy")
+
+
+HEADER = b'{"box_format": "xywh"}'
+XYWH_ROW = '{"image": "a.jpg", "bbox": [1, 2, 3, 4], "phrase": "café"}'.encode()
+XYXY_ROW = XYWH_ROW.replace(b"3, 4", b"4, 6")
+WINDOWS_JSONL = [  # (name, file bytes): what editors and scripts on other systems write
+    ("utf-8 byte-order mark", codecs.BOM_UTF8 + HEADER + b"\n" + XYWH_ROW + b"\n"),
+    ("byte-order mark on a record", codecs.BOM_UTF8 + XYXY_ROW),
+    ("CRLF, blank lines, extra fields",
+     b"\r\n" + HEADER + b"\r\n\r\n" + XYWH_ROW[:-1] + b', "id": 7, "source": "me"}\r\n\r\n'),
+    ("CR line ends", HEADER + b"\r" + XYWH_ROW + b"\r"),
+]
+
+
+@pytest.mark.parametrize("content", [c for _, c in WINDOWS_JSONL], ids=[n for n, _ in WINDOWS_JSONL])
+def test_jsonl_as_other_tools_write_it_is_accepted(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "val.jsonl"
+    path.write_bytes(content)
+    assert read_jsonl(path, "xyxy") == [Record("a.jpg", (1.0, 2.0, 4.0, 6.0), "café")]
+    assert jsonl_declared_format(path) == ("xywh" if b"box_format" in content else None)
+
+
+def test_jsonl_line_separator_inside_a_phrase_is_not_a_line_end(tmp_path: Path) -> None:
+    row = {"image": "a.jpg", "bbox": [1, 2, 4, 6], "phrase": "left\u2028right\x85"}
+    (tmp_path / "val.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_jsonl(tmp_path / "val.jsonl", "xyxy") == [Record("a.jpg", (1.0, 2.0, 4.0, 6.0), "left\u2028right\x85")]
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b'{"image": "a.jpg", "bbox": [1, 2, 4, 6], "phrase": "ok"}\n\n{"image": "b.jpg", "bbox": [1, 2, 4, 6], '
+         b'"phrase": "caf\xe9"}\n', r"x\.jsonl:3: not UTF-8 text \(byte 0xe9 at byte 56 of the line\); save the file"),
+        ('{"image": "a.jpg", "bbox": [1, 2, 4, 6], "phrase": "ok"}\r\n'.encode("utf-16"),
+         r"x\.jsonl:1: not UTF-8 text \(byte 0xff at byte 1 of the line\); the file is UTF-16"),
+    ],
+    ids=["latin-1 byte", "utf-16"],
+)
+def test_jsonl_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path: Path, content: bytes, match: str) -> None:
+    (tmp_path / "x.jsonl").write_bytes(content)
+    with pytest.raises(SplitFileError, match=match):
+        read_jsonl(tmp_path / "x.jsonl", "xyxy")
 
 
 def test_jsonl_without_a_declared_box_format_is_refused(tmp_path: Path) -> None:

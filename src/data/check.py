@@ -5,23 +5,28 @@
 
 The first form composes the project's Hydra config (so `data=` and overrides work exactly as in a run)
 and reports per split: records, distinct images, missing/unreadable images, degenerate boxes, boxes
-outside their image, empty phrases and phrases longer than the query length. The second form reads one
-split file and reports its record count, box format (declared or detected) and first record, even when
-no images are present. Exit status: 0 = every split usable, 1 = some split unusable, 2 = bad arguments.
+partly and entirely outside their image, empty phrases and phrases longer than the query length. It
+judges a split with the run's own code (the datamodule's reading, its train-batch check, the dataset's
+image decoding and box check), so a split it calls usable is one a run reads without failing, and a
+split a run would stop on is unusable with the run's own message. The second form reads one split file
+and reports its record count, box format (declared or detected) and first record, even when no images
+are present. Exit status: 0 = every split usable, 1 = some split unusable, 2 = bad arguments.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from src.data.benchmarks import BENCHMARKS, BOX_FORMATS, COCO_IMAGES, MAPPER_COCO_IMAGES, get_benchmark
+from src.data.dataset import RecordDataset
+from src.data.problems import BadRecordError, DataError
 from src.data.readers import (
     SplitFileError,
     convert_raw,
@@ -36,7 +41,8 @@ from src.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DOCTOR_OPTIONS = ("output", "max_open", "splits", "split_file", "dataset", "box_format")
-DEFAULT_MAX_OPEN = 500
+DEFAULT_MAX_OPEN = -1  # every image: a run fails on any unreadable one, so the verdict needs them all
+DECODE_THREADS = min(8, os.cpu_count() or 1)  # PIL decodes without holding the GIL
 OUTSIDE_TOLERANCE = (
     1.0  # px a box may exceed its image before it counts as outside (rounding, inclusive ends)
 )
@@ -61,8 +67,10 @@ class SplitReport:
     unreadable_images: int = 0
     opened_images: int = 0
     degenerate_boxes: int = 0
-    boxes_outside_image: int = 0
+    boxes_partly_outside_image: int = 0
+    boxes_entirely_outside_image: int = 0
     boxes_checked_against_image: int = 0
+    bad_records: int = 0
     empty_phrases: int = 0
     long_phrases: int = 0
     problems: list[str] = field(default_factory=list)
@@ -76,33 +84,46 @@ class SplitReport:
 
 @dataclass
 class ImageCheck:
-    """Existence and readability of a split's distinct images; sizes of those opened."""
+    """A split's distinct images: missing, unreadable, sizes of those decoded, and not opened (max_open).
+
+    `errors` holds, per missing or unreadable image, the run's error for the first record using it.
+    """
 
     missing: list[str]
     unreadable: list[str]
     sizes: dict[str, tuple[int, int]]
+    errors: dict[str, BadRecordError]
+    not_opened: int
 
 
 # ------------------------------------------------------------------------------------------- checks
 
 
-def check_images(image_root: Path, images: Sequence[str], max_open: int) -> ImageCheck:
-    """Stat every image; open and verify the first max_open present ones with PIL (negative = all)."""
-    missing = [name for name in images if not (image_root / name).is_file()]
+def _decode(dataset: RecordDataset, index: int) -> tuple[int, int] | BadRecordError:
+    """The size of a record's image read as the run reads it (decoded in full), or the run's error."""
+    try:
+        return dataset.read_image(index).size
+    except BadRecordError as err:
+        return err
+
+
+def check_images(dataset: RecordDataset, max_open: int) -> ImageCheck:
+    """Read each distinct image once, as the run does: the missing ones and the first max_open present ones
+    (negative = all), in DECODE_THREADS threads."""
+    first_use: dict[str, int] = {}
+    for i, record in enumerate(dataset.records):
+        first_use.setdefault(record.image, i)
+    missing = [name for name in first_use if not (dataset.image_root / name).is_file()]
     missing_set = set(missing)
-    present = [name for name in images if name not in missing_set]
+    present = [name for name in first_use if name not in missing_set]
     to_open = present if max_open < 0 else present[:max_open]
-    unreadable: list[str] = []
-    sizes: dict[str, tuple[int, int]] = {}
-    for name in to_open:
-        try:
-            with Image.open(image_root / name) as image:
-                sizes[name] = image.size
-                image.verify()
-        except (OSError, SyntaxError, ValueError):
-            unreadable.append(name)
-            sizes.pop(name, None)
-    return ImageCheck(missing, unreadable, sizes)
+    names = to_open + missing
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        found = dict(zip(names, pool.map(lambda name: _decode(dataset, first_use[name]), names), strict=True))
+    sizes = {name: size for name, size in found.items() if not isinstance(size, BadRecordError)}
+    errors = {name: err for name, err in found.items() if isinstance(err, BadRecordError)}
+    unreadable = [name for name in to_open if name in errors]
+    return ImageCheck(missing, unreadable, sizes, errors, len(present) - len(to_open))
 
 
 def outside_image(box: Sequence[float], size: tuple[int, int]) -> bool:
@@ -135,19 +156,51 @@ def _count_problem(report: SplitReport, records: Sequence[Record], indices: Sequ
         report.problems.append(f"{what}: {len(indices)}, {_example(records, indices)}")
 
 
-def check_records(report: SplitReport, records: Sequence[Record], images: ImageCheck) -> None:
-    """Box and phrase checks that need no tokenizer: degenerate, outside the image, empty phrase."""
+def check_read_records(report: SplitReport, records: Sequence[Record]) -> None:
+    """Checks of the records as read: degenerate boxes (dropped by the run by default), empty phrases."""
     degenerate = [i for i, r in enumerate(records) if is_degenerate(r.box)]
-    sized = [i for i, r in enumerate(records) if r.image in images.sizes]
-    outside = [i for i in sized if outside_image(records[i].box, images.sizes[records[i].image])]
     empty = [i for i, r in enumerate(records) if not r.phrase.strip()]
-    report.degenerate_boxes, report.boxes_outside_image = len(degenerate), len(outside)
-    report.boxes_checked_against_image, report.empty_phrases = len(sized), len(empty)
+    report.degenerate_boxes, report.empty_phrases = len(degenerate), len(empty)
     _count_problem(report, records, degenerate, "degenerate boxes (zero or negative width/height)")
-    _count_problem(report, records, outside, "boxes outside their image")
     _count_problem(report, records, empty, "empty phrases")
-    if records and len(degenerate) == len(records):
-        report.unusable("every box is degenerate")
+
+
+def check_boxes(report: SplitReport, read: Sequence[Record], dataset: RecordDataset, images: ImageCheck) -> None:
+    """Boxes against their decoded image with the run's own check: entirely outside (a bad record) apart from
+    partly outside (clipped in clean mode, kept in official mode); then the bad records under the policy.
+
+    `read` are the split's records as read; examples name a record by its place there, as the run does.
+    """
+    records = dataset.records
+    sized = [i for i, r in enumerate(records) if r.image in images.sizes]
+    failures: dict[int, str] = {}
+    for i in sized:
+        try:
+            dataset.checked_box(i, images.sizes[records[i].image])
+        except BadRecordError as err:
+            failures[i] = str(err)
+    entirely = sorted(failures)
+    partly = [i for i in sized if i not in failures and outside_image(records[i].box, images.sizes[records[i].image])]
+    report.boxes_checked_against_image = len(sized)
+    report.boxes_entirely_outside_image, report.boxes_partly_outside_image = len(entirely), len(partly)
+    _count_problem(report, read, [dataset.positions[i] for i in entirely], "boxes entirely outside their image")
+    _count_problem(
+        report,
+        read,
+        [dataset.positions[i] for i in partly],
+        "boxes partly outside their image (clipped in clean mode, kept in official mode)",
+    )
+    bad_images = [i for i, r in enumerate(records) if r.image in images.errors]
+    if bad_images:  # the first record of an unreadable image: the one its error was made for
+        failures[bad_images[0]] = str(images.errors[records[bad_images[0]].image])
+    report.bad_records = len(entirely) + len(bad_images)
+    if not failures:
+        return
+    first = failures[min(failures)]
+    if dataset.bad_records == "fail":
+        report.unusable(first)
+    else:
+        report.problems.append(f"records a run skips (data.bad_records=skip): {report.bad_records}, e.g. {first}")
 
 
 def check_phrase_lengths(report: SplitReport, records: Sequence[Record], bert: Any, max_len: int) -> None:
@@ -174,12 +227,16 @@ def check_image_report(report: SplitReport, image_root: Path, images: ImageCheck
             f"unreadable images: {len(images.unreadable)} of {report.opened_images} opened, "
             f"e.g. {image_root / images.unreadable[0]}"
         )
+    if images.not_opened:
+        report.notes.append(
+            f"{images.not_opened} images not opened (max_open): a run may still fail on them"
+        )
     if report.images and len(images.missing) + len(images.unreadable) == report.images:
         report.unusable(f"no readable image under {image_root}")
 
 
 def check_split(dm: Any, split: str, max_open: int, bert: Any) -> SplitReport:
-    """All checks of one split of a configured datamodule."""
+    """All checks of one split of a configured datamodule, judged by the run's own code."""
     report = SplitReport(split, str(dm.split_file(split)))
     try:
         records = dm.read_split(split)
@@ -187,15 +244,24 @@ def check_split(dm: Any, split: str, max_open: int, bert: Any) -> SplitReport:
         report.unusable(str(err))
         return report
     report.records = len(records)
-    if not records:
-        report.unusable("the split has no records")
-        return report
-    names = list(dict.fromkeys(r.image for r in records))
-    report.images = len(names)
-    images = check_images(dm.image_root, names, max_open)
-    check_image_report(report, dm.image_root, images)
-    check_records(report, records, images)
+    check_read_records(report, records)
     check_phrase_lengths(report, records, bert, dm.max_query_len)
+    try:
+        usable = dm.adopt_records(split, records)
+    except DataError as err:
+        report.unusable(str(err))
+        return report
+    train = split == dm.train_split
+    if train:
+        try:
+            dm.check_one_batch(len(usable))
+        except DataError as err:
+            report.unusable(str(err))
+    dataset = dm.record_dataset(split, train)
+    report.images = len({r.image for r in usable})
+    images = check_images(dataset, max_open)
+    check_image_report(report, dm.image_root, images)
+    check_boxes(report, records, dataset, images)
     return report
 
 
@@ -220,11 +286,9 @@ def missing_image_hints(dm: Any, reports: Sequence[SplitReport]) -> list[str]:
 
 def check_benchmark(dm: Any, max_open: int, splits: Sequence[str] | None = None) -> dict[str, Any]:
     """Check every configured split (train, val, tests) of a datamodule; return the JSON-able report."""
-    from src.data.tokenizers import bert_tokenizer
-
     dm.prepare_data()
     wanted = list(splits) if splits else list(dict.fromkeys([dm.train_split, dm.val_split, *dm.test_splits]))
-    bert = bert_tokenizer(dm.bert_vocab)
+    bert = dm.tokenizers()[0]
     reports = [check_split(dm, split, max_open, bert) for split in wanted]
     return {
         "dataset": dm.spec.key,

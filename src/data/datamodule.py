@@ -50,13 +50,6 @@ class ReaderSettings:
         return cls(**checked_fields(cls, config, "reader"))
 
 
-def split_degenerate(records: Sequence[Record]) -> tuple[list[Record], list[int]]:
-    """Separate records with degenerate boxes: (kept records, indices of the degenerate ones)."""
-    bad = [i for i, r in enumerate(records) if is_degenerate(r.box)]
-    bad_set = set(bad)
-    return [r for i, r in enumerate(records) if i not in bad_set], bad
-
-
 class GroundingDataModule(L.LightningDataModule):
     """Reads a benchmark's splits (TransVG .pth, REFER, JSONL or the synthetic generator) into loaders."""
 
@@ -116,6 +109,7 @@ class GroundingDataModule(L.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self.dropped: dict[str, int] = {}
         self._records: dict[str, list[Record]] = {}
+        self._positions: dict[str, list[int]] = {}  # per split: each usable record's place among those read
 
     # ------------------------------------------------------------------------------------------ roots
 
@@ -222,33 +216,39 @@ class GroundingDataModule(L.LightningDataModule):
         return read_transvg(self.split_file(split), self.box_format, self.int_boxes)
 
     def usable_records(self, split: str) -> list[Record]:
-        """A split's records minus degenerate boxes (if drop_degenerate), read once per split.
+        """A split's records minus degenerate boxes (if drop_degenerate), read once per split."""
+        if split not in self._records:
+            self.adopt_records(split, self.read_split(split))
+        return self._records[split]
+
+    def adopt_records(self, split: str, records: list[Record]) -> list[Record]:
+        """Take a split's records as read as the ones it uses: degenerate boxes dropped (if drop_degenerate).
 
         A split with no usable record is an error naming its file (an empty loader would fail later with
-        a message naming nothing).
+        a message naming nothing). The data doctor calls this on the records it has read, so that it
+        refuses exactly what a run refuses.
         """
-        if split not in self._records:
-            records = self.read_split(split)
-            if not records:
-                raise SplitFileError(f"{self.split_file(split)}: split {split!r} has no records")
-            usable = self._drop_degenerate(split, records)
-            if not usable:
-                raise SplitFileError(
-                    f"{self.split_file(split)}: split {split!r}: all {len(records)} records have a zero or "
-                    "negative size box (data.reader.drop_degenerate=false keeps them)"
-                )
-            self._records[split] = usable
+        if not records:
+            raise SplitFileError(f"{self.split_file(split)}: split {split!r} has no records")
+        kept = self._drop_degenerate(split, records)
+        if not kept:
+            raise SplitFileError(
+                f"{self.split_file(split)}: split {split!r}: all {len(records)} records have a zero or "
+                "negative size box (data.reader.drop_degenerate=false keeps them)"
+            )
+        self._records[split], self._positions[split] = [records[i] for i in kept], kept
         return self._records[split]
 
     def reading_problems(self) -> dict[str, dict[str, int]]:
         """Records left out at reading, per split and reason (for results.json)."""
         return {split: {"degenerate box": n} for split, n in self.dropped.items() if n}
 
-    def _drop_degenerate(self, split: str, records: list[Record]) -> list[Record]:
-        """Drop degenerate boxes when drop_degenerate is set, with a warning and a count in `dropped`."""
+    def _drop_degenerate(self, split: str, records: list[Record]) -> list[int]:
+        """The positions of the records kept: those with a box of positive size when drop_degenerate is set
+        (with a warning and a count in `dropped`), else all."""
         if not self.reader.drop_degenerate:
-            return records
-        kept, bad = split_degenerate(records)
+            return list(range(len(records)))
+        bad = [i for i, r in enumerate(records) if is_degenerate(r.box)]
         self.dropped[split] = len(bad)
         if bad:
             log.warning(
@@ -260,7 +260,8 @@ class GroundingDataModule(L.LightningDataModule):
                 bad[0],
                 records[bad[0]],
             )
-        return kept
+        bad_set = set(bad)
+        return [i for i in range(len(records)) if i not in bad_set]
 
     # ------------------------------------------------------------------------------------------ datasets
 
@@ -270,18 +271,13 @@ class GroundingDataModule(L.LightningDataModule):
             self._tokenizers = (bert_tokenizer(self.bert_vocab), clip_tokenizer(self.clip_vocab))
         return self._tokenizers
 
-    def make_dataset(
-        self, split: str, train: bool, phrase_permutation_seed: int | None = None
-    ) -> Dataset:
-        """A RecordDataset over a split's usable records with the train or eval transform.
-
-        With `cache_samples`, a split whose transform is deterministic (eval, or train with augmentation
-        off) is computed once into memory instead.
-        """
+    def record_dataset(self, split: str, train: bool, phrase_permutation_seed: int | None = None) -> RecordDataset:
+        """A RecordDataset over a split's usable records with the train or eval transform."""
         bert, clip = self.tokenizers()
         transform = build_transform(train, self.image_size, self.augment, self.mode, self.augment_quirks)
-        dataset = RecordDataset(
-            self.usable_records(split),
+        records = self.usable_records(split)
+        return RecordDataset(
+            records,
             self.image_root,
             transform,
             bert,
@@ -292,7 +288,18 @@ class GroundingDataModule(L.LightningDataModule):
             bad_records=self.bad_records,
             clip_boxes=self.mode == "clean",
             exif_transpose=self.exif_transpose,
+            positions=self._positions[split],
         )
+
+    def make_dataset(
+        self, split: str, train: bool, phrase_permutation_seed: int | None = None
+    ) -> Dataset:
+        """The split's RecordDataset (see record_dataset).
+
+        With `cache_samples`, a split whose transform is deterministic (eval, or train with augmentation
+        off) is computed once into memory instead.
+        """
+        dataset = self.record_dataset(split, train, phrase_permutation_seed)
         if self.cache_samples and not (train and self.augment.enabled):
             log.info("caching the %d samples of %s in memory", len(dataset), split)
             return CachedSamples(dataset)

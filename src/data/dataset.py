@@ -53,8 +53,10 @@ class RecordDataset(Dataset):
     derangement) while keeping its own box: accuracy on it measures how much a model relies on language.
     A record whose image cannot be read or whose box lies entirely outside its image fails with an error
     naming `source` and the record (`bad_records="fail"`), or becomes a `skipped` sample that `collate`
-    leaves out of its batch (`"skip"`). `clip_boxes` clips boxes to their image (clean mode; the official
-    loader does not); `exif_transpose` turns images upright by their EXIF orientation first.
+    leaves out of its batch (`"skip"`); messages number a record by `positions` (its place among the
+    split's records as read, before degenerate boxes were dropped; default: its index). `clip_boxes`
+    clips boxes to their image (clean mode; the official loader does not); `exif_transpose` turns images
+    upright by their EXIF orientation first.
     """
 
     def __init__(
@@ -70,9 +72,11 @@ class RecordDataset(Dataset):
         bad_records: str = "fail",
         clip_boxes: bool = True,
         exif_transpose: bool = False,
+        positions: Sequence[int] | None = None,
     ) -> None:
         """Keep the records and helpers; draw the phrase permutation once if a seed is given."""
         self.records = list(records)
+        self.positions = list(range(len(self.records)) if positions is None else positions)
         self.image_root = Path(image_root)
         self.transform = transform
         self.bert_tok = bert_tok
@@ -98,23 +102,31 @@ class RecordDataset(Dataset):
         return self.records[source].phrase
 
     def where(self, index: int) -> str:
-        """`<split file>: record <i> (<image>, <phrase>)`, for messages."""
+        """`<split file>: record <position> (<image>, <phrase>)`, for messages."""
         record = self.records[index]
-        return f"{self.source}: record {index} ({record.image}, {record.phrase!r})"
+        return f"{self.source}: record {self.positions[index]} ({record.image}, {record.phrase!r})"
+
+    def read_image(self, index: int) -> Image.Image:
+        """A record's image, decoded in full as RGB; BadRecordError ("unreadable image") when it cannot be."""
+        try:
+            return load_image(self.image_root / self.records[index].image, self.where(index), self.exif_transpose)
+        except ImageReadError as err:
+            raise BadRecordError(f"unreadable image: {err}") from None
+
+    def checked_box(self, index: int, size: tuple[int, int]) -> Box:
+        """A record's box on an image of `size` (clipped when set); BadRecordError when it misses the image."""
+        box = self.records[index].box
+        if box_misses_image(box, size):
+            raise BadRecordError(
+                f"box outside the image: {self.where(index)}: box {box} lies outside the "
+                f"{size[0]}x{size[1]} image"
+            )
+        return clip_to_image(box, size) if self.clip_boxes else box
 
     def image_and_box(self, index: int) -> tuple[Image.Image, Box]:
         """A record's RGB image and its box (clipped when set); BadRecordError when either is unusable."""
-        record = self.records[index]
-        try:
-            image = load_image(self.image_root / record.image, self.where(index), self.exif_transpose)
-        except ImageReadError as err:
-            raise BadRecordError(f"unreadable image: {err}") from None
-        if box_misses_image(record.box, image.size):
-            raise BadRecordError(
-                f"box outside the image: {self.where(index)}: box {record.box} lies outside the "
-                f"{image.width}x{image.height} image"
-            )
-        return image, clip_to_image(record.box, image.size) if self.clip_boxes else record.box
+        image = self.read_image(index)
+        return image, self.checked_box(index, image.size)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Load, transform and tokenise one record (or describe why it was skipped, under "skip")."""

@@ -8,6 +8,7 @@ REFER pickles through an unpickler that only builds builtin containers.
 from __future__ import annotations
 
 import _codecs
+import codecs
 import contextlib
 import io
 import json
@@ -320,15 +321,36 @@ def jsonl_header_format(obj: Any, where: str) -> str | None:
     return str(obj["box_format"])
 
 
+def jsonl_lines(path: Path) -> Iterator[tuple[str, str]]:
+    """(`file:line`, text) for every non-blank line, read as other tools write JSON Lines.
+
+    A UTF-8 byte-order mark (Windows editors) is dropped; LF, CRLF and CR line ends all end a line.
+    Bytes that are not UTF-8 fail naming the line, instead of a UnicodeDecodeError naming nothing.
+    """
+    data = path.read_bytes()
+    utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    data = data.removeprefix(codecs.BOM_UTF8)
+    for lineno, raw in enumerate(data.splitlines(), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            hint = "the file is UTF-16 (PowerShell's `>` writes it); " if utf16 else ""
+            raise SplitFileError(
+                f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line); "
+                f"{hint}save the file as UTF-8"
+            ) from None
+        if line.strip():
+            yield where, line
+
+
 def jsonl_declared_format(path: str | Path) -> str | None:
     """The box format a JSONL file declares on its first non-blank line, or None."""
-    with Path(path).open(encoding="utf-8") as file:
-        for lineno, line in enumerate(file, start=1):
-            if line.strip():
-                try:
-                    return jsonl_header_format(json.loads(line), f"{path}:{lineno}")
-                except json.JSONDecodeError:
-                    return None
+    for where, line in jsonl_lines(Path(path)):
+        try:
+            return jsonl_header_format(json.loads(line), where)
+        except json.JSONDecodeError:
+            return None
     return None
 
 
@@ -337,10 +359,7 @@ def jsonl_objects(path: str | Path, what: str) -> Iterator[tuple[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
+    for where, line in jsonl_lines(path):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
