@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from src.models.row_cache import PriorCache
+from src.models.row_cache import PriorCache, RowCache
 from tests.test_checkpoints import METHODS, module_for
 from tests.test_model import B, inputs
 
@@ -98,8 +98,9 @@ def test_prior_cache_changes_no_training_step_and_clears_when_weights_load():
         assert all(torch.allclose(grads[n], cached_grads[n], atol=1e-6) for n in grads)
     assert (cache.misses, cache.hits) == (B, B) and len(cache.rows) == B
     cached.model.load_state_dict(plain.model.state_dict())
-    assert len(cache.rows) == 0
-    restored = pickle.loads(pickle.dumps(cached.model))  # ddp_spawn pickles the model: the cache hook must allow it
+    cached.model(**inputs())
+    assert (cache.misses, cache.hits) == (2 * B, B)  # loaded weights: every prior computed again
+    restored = pickle.loads(pickle.dumps(cached.model))  # ddp_spawn pickles the model
     restored(**inputs())
     assert len(restored.prior.cache.rows) == B
 
@@ -143,10 +144,60 @@ def test_vision_prefix_cache_changes_no_training_step_and_clears_when_weights_lo
         assert torch.allclose(cached(keyed).boxes, plain(batch).boxes.detach(), atol=1e-6)
     assert cache.hits == 2 * B
     cached.model.load_state_dict(plain.model.state_dict())
-    assert len(cache.rows) == 0
+    with torch.no_grad():
+        cached(keyed)
+    assert (cache.misses, cache.hits) == (2 * B, 2 * B)  # loaded weights: every prefix computed again
     restored = pickle.loads(pickle.dumps(cached.model))  # ddp_spawn pickles the model
     restored(**keyed)
     assert len(restored.vision.prefix_cache.rows) == B
+
+
+def test_cached_rows_own_their_storage_and_the_bytes_are_bounded():
+    row_bytes = 16 * 4
+    cache = RowCache(capacity=100, max_bytes=3 * row_bytes)
+    batch = torch.arange(5 * 16, dtype=torch.float32).reshape(5, 16)
+    out = cache.lookup(list("abcde"), lambda index: batch[index])
+    assert torch.equal(out, batch)
+    assert all(r.untyped_storage().nbytes() == row_bytes for r in cache.rows.values())  # no view of the batch
+    assert list(cache.rows) == list("cde") and cache.bytes == 3 * row_bytes  # the byte bound dropped a, b
+
+
+def weight_changes(vit):
+    """Ways the frozen prefix's weights change in place or get replaced, after which no row is valid."""
+    block = vit.blocks[0]
+
+    def in_place():
+        with torch.no_grad():
+            block.mlp.fc1.weight.mul_(1.5)
+
+    def foreach_swap():  # an EMA / SWA swap of the weights
+        params = list(block.parameters())
+        with torch.no_grad():
+            torch._foreach_copy_(params, [p * 0.5 for p in params])
+
+    def replaced():
+        block.mlp.fc1.weight = torch.nn.Parameter(block.mlp.fc1.weight.detach() * 2, requires_grad=False)
+
+    def stem():
+        with torch.no_grad():
+            vit.patch_embed.proj.weight.add_(0.1)
+
+    return {"in_place": in_place, "foreach_swap": foreach_swap, "replaced": replaced, "stem": stem}
+
+
+@pytest.mark.parametrize("change", ["in_place", "foreach_swap", "replaced", "stem"])
+def test_vision_prefix_cache_is_invalidated_by_any_change_of_its_weights(change: str):
+    plain = module_for("mapper", *METHODS["mapper"], "model.vision_prefix_cache=0")
+    cached = module_for("mapper", *METHODS["mapper"], "model.vision_prefix_cache=16")
+    batch = inputs()
+    keyed = batch | {"image_key": torch.tensor([11, 12])}
+    plain.model.eval(), cached.model.eval()
+    with torch.no_grad():
+        cached(keyed)
+        for module in (plain, cached):
+            weight_changes(module.model.vision.vit)[change]()
+        assert torch.allclose(cached(keyed).boxes, plain(batch).boxes, atol=1e-6)
+    assert cached.model.vision.prefix_cache.misses == 2 * B
 
 
 def test_cached_samples_carry_an_image_digest_that_collate_stacks():

@@ -92,16 +92,14 @@ class VisionEncoder(nn.Module):
     back the next time that image comes: below the first tuned block nothing changes during training.
     """
 
-    def __init__(self, vit: nn.Module, prefix_cache: int = 0) -> None:
+    def __init__(self, vit: nn.Module, prefix_cache: int = 0, cache_max_bytes: int | None = None) -> None:
         super().__init__()
         if getattr(vit, "cls_token", None) is None:
             raise ValueError("the vision encoder needs a class token (the grounder passes it on)")
         self.vit = vit
         for module in vit.modules():  # modules a PEFT method injects later lack the mark
             module.built_with_backbone = True
-        self.prefix_cache = RowCache(prefix_cache) if prefix_cache else None
-        if self.prefix_cache is not None:
-            self.register_load_state_dict_post_hook(_clear_vision_prefix_cache)  # a function: stays picklable
+        self.prefix_cache = RowCache(prefix_cache, cache_max_bytes) if prefix_cache else None
 
     @property
     def embed_dim(self) -> int:
@@ -149,13 +147,22 @@ class VisionEncoder(nn.Module):
         if depth:
             context = (run_context(image.device), next(self.vit.patch_embed.parameters()).dtype, depth)
             keys = [(context, key) for key in image_key.tolist()]
-            x = self.prefix_cache.lookup(keys, lambda index: self._prefix(image[index.to(image.device)], depth))
+            x = self.prefix_cache.lookup(keys, lambda index: self._prefix(image[index.to(image.device)], depth),
+                                         weights=self._prefix_weights(depth))
             for block in self.vit.blocks[depth:]:
                 x = block(x)
             tokens = self.vit.norm(x)
         else:
             tokens = self.vit.forward_features(image)
         return torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens :]], dim=1)
+
+    def _prefix_weights(self, depth: int) -> Iterator[torch.Tensor]:
+        """Every tensor the frozen prefix's output depends on: the stem's and the first `depth` blocks'."""
+        vit = self.vit
+        yield from (t for t in (vit.cls_token, vit.reg_token, vit.pos_embed) if t is not None)
+        for module in (vit.patch_embed, vit.norm_pre, *vit.blocks[:depth]):
+            yield from module.parameters()
+            yield from module.buffers()
 
     @torch.no_grad()
     def _prefix(self, image: torch.Tensor, depth: int) -> torch.Tensor:
@@ -172,11 +179,6 @@ def _fixed(module: nn.Module) -> bool:
     return all(getattr(m, "built_with_backbone", False) and not m.training for m in module.modules()) and not any(
         p.requires_grad for p in module.parameters()
     )
-
-
-def _clear_vision_prefix_cache(module: VisionEncoder, _incompatible_keys: Any) -> None:
-    """After new weights load, no cached prefix output is valid."""
-    module.prefix_cache.clear()
 
 
 class ZeroTokenType(nn.Module):
@@ -239,15 +241,14 @@ class TextPrior(nn.Module):
 
     def __init__(
         self, clip: CLIPTextModelWithProjection, use_padding_mask: bool = True, fp16: bool = False, cache_size: int = 0,
+        cache_max_bytes: int | None = None,
     ) -> None:
         super().__init__()
         self.clip = clip
         self.use_padding_mask = use_padding_mask
         self.fp16 = fp16  # fp16 autocast on CUDA, as the official GPU run (the prior_fp16 quirk)
-        # the prior of recently seen phrases (model.prior_cache entries; 0 = none), cleared when weights load
-        self.cache = PriorCache(cache_size) if cache_size else None
-        if self.cache is not None:
-            self.register_load_state_dict_post_hook(_clear_prior_cache)  # a function: the module stays picklable
+        # the prior of recently seen phrases (model.prior_cache entries; 0 = none), cleared when the weights change
+        self.cache = PriorCache(cache_size, cache_max_bytes) if cache_size else None
 
     @property
     def dim(self) -> int:
@@ -259,7 +260,7 @@ class TextPrior(nn.Module):
             raise ValueError(f"query length {ids.shape[1]} exceeds CLIP's {limit} positions")
         attention_mask = mask if self.use_padding_mask else None
         if self.cache is not None:
-            return self.cache(ids, attention_mask, self._compute)
+            return self.cache(ids, attention_mask, self._compute, weights=self.clip.parameters())
         return self._compute(ids, attention_mask)
 
     def _compute(self, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -267,11 +268,6 @@ class TextPrior(nn.Module):
         with torch.autocast("cuda", dtype=torch.float16) if half else nullcontext():
             hidden = self.clip.text_model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
             return self.clip.text_projection(hidden)
-
-
-def _clear_prior_cache(module: TextPrior, _incompatible_keys: Any) -> None:
-    """After new weights load, no cached prior is valid."""
-    module.cache.clear()
 
 
 def build_vit(settings: VisionSettings, image_size: int, pretrained: bool, drop_registers: bool) -> nn.Module:

@@ -232,6 +232,7 @@ def build_grounder(
     frozen_bf16: bool = False,
     prior_cache: int = 0,
     vision_prefix_cache: int = 0,
+    cache_max_mb: float | None = 1024,
     compile: bool = False,
 ) -> Grounder:
     """Build the grounder from plain settings (what Hydra passes) and apply the PEFT method.
@@ -243,10 +244,12 @@ def build_grounder(
     `frozen_bf16` stores the frozen backbone weights in bf16 and runs the backbones under bf16 autocast;
     `prior_cache` keeps the CLIP prior of that many recent phrases (src/models/row_cache.py);
     `vision_prefix_cache` keeps the output of the ViT's frozen prefix for that many recent images (inputs
-    with an `image_key`: samples the data layer serves from memory);
+    with an `image_key`: samples the data layer serves from memory); each of the two caches holds at most
+    `cache_max_mb` MiB (null: no byte bound, only the entry counts);
     `compile` compiles the grounder's forward with torch.compile (in place: state-dict keys unchanged).
     """
     quirks = ModelQuirks.resolve(mode, quirks)
+    max_bytes = int(cache_max_mb * 2**20) if cache_max_mb else None
     vs, ts, ps = VisionSettings(**(vision or {})), TextSettings(**(text or {})), PriorSettings(**(prior or {}))
     vit = build_vit(vs, image_size, pretrained, drop_registers=quirks.drop_vision_registers)
     if image_size % vit.patch_embed.patch_size[0]:
@@ -256,9 +259,9 @@ def build_grounder(
     if peft.uses_prior:
         clip = TextPrior(build_clip_text(ps, pretrained, random_blocks=quirks.prior_random_blocks),
                          use_padding_mask=not quirks.prior_from_bert_ids, fp16=quirks.prior_fp16,
-                         cache_size=prior_cache)
+                         cache_size=prior_cache, cache_max_bytes=max_bytes)
     model = Grounder(
-        VisionEncoder(vit, prefix_cache=vision_prefix_cache), TextEncoder(bert), clip,
+        VisionEncoder(vit, prefix_cache=vision_prefix_cache, cache_max_bytes=max_bytes), TextEncoder(bert), clip,
         FusionSettings(**(fusion or {})), max_query_len, quirks, adapter_layers,
     )
     model.reference = BackboneReference(vs, ts, image_size)

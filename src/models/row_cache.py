@@ -7,34 +7,55 @@
   ViT's output below its first tuned block per image, keyed by a digest of the image tensor that the
   data layer computes once for samples it serves from memory (`image_key`).
 
-Every key also holds the device and the autocast state (a bf16 run never reads an fp32 entry). Least
-recently used entries are dropped beyond `capacity`; loading new weights clears a cache.
+Every key also holds the device and the autocast state (a bf16 run never reads an fp32 entry). Rows are
+copied out of the batch they were computed in (a cached row never keeps its whole batch alive); least
+recently used entries are dropped beyond `capacity` rows or `max_bytes`. A cache is cleared whenever the
+frozen weights it depends on change: their identity, storage and version counters are compared at every
+lookup, which catches loading a state dict, in-place updates (`copy_` under `no_grad`, `_foreach_copy_`,
+EMA / SWA swaps), replaced or moved tensors. Changes made through `.data` bypass version counters:
+call `clear()` after those.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import torch
 
+from src.errors import ConfigError
+
 
 class RowCache:
-    """Rows (one tensor per sample) by key, at most `capacity` of them; counts hits and misses."""
+    """Rows (one tensor per sample) by key, at most `capacity` rows and `max_bytes` bytes of them; counts hits
+    and misses; cleared when the weights passed to `lookup` change."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
         if capacity < 1:
-            raise ValueError(f"a cache needs a capacity >= 1, got {capacity}")
-        self.capacity = capacity
+            raise ConfigError(f"a cache needs a capacity >= 1, got {capacity}")
+        self.capacity, self.max_bytes = capacity, max_bytes
         self.rows: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self.bytes = 0
         self.hits = self.misses = 0
+        self._weights: tuple | None = None
 
     def clear(self) -> None:
         self.rows.clear()
+        self.bytes = 0
 
-    def lookup(self, keys: Sequence[Hashable], compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def check_weights(self, weights: Iterable[torch.Tensor]) -> None:
+        """Clear the cache when `weights` (the tensors its rows depend on) differ from the last lookup's."""
+        state = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in weights)
+        if state != self._weights:
+            self.clear()
+            self._weights = state
+
+    def lookup(self, keys: Sequence[Hashable], compute: Callable[[torch.Tensor], torch.Tensor],
+               weights: Iterable[torch.Tensor] = ()) -> torch.Tensor:
         """The row of every key stacked (B, ...): cached rows read back, the others computed in one batch by
-        `compute(positions)`, which gets the batch positions of the first occurrence of each missing key."""
+        `compute(positions)`, which gets the batch positions of the first occurrence of each missing key.
+        `weights`: the tensors the rows depend on (a change clears the cache first)."""
+        self.check_weights(weights)
         first_missing: dict[Hashable, int] = {}
         for i, key in enumerate(keys):
             if key not in self.rows and key not in first_missing:
@@ -42,14 +63,16 @@ class RowCache:
         if first_missing:
             computed = compute(torch.tensor(list(first_missing.values())))
             for key, row in zip(first_missing, computed, strict=True):
-                self.rows[key] = row
+                self.rows[key] = row.clone()  # its own storage, not a view that keeps the batch alive
+                self.bytes += row.numel() * row.element_size()
         self.misses += len(first_missing)
         self.hits += len(keys) - len(first_missing)
         for key in keys:
             self.rows.move_to_end(key)
         out = torch.stack([self.rows[key] for key in keys])
-        while len(self.rows) > self.capacity:
-            self.rows.popitem(last=False)
+        while self.rows and (len(self.rows) > self.capacity or (self.max_bytes and self.bytes > self.max_bytes)):
+            _, dropped = self.rows.popitem(last=False)
+            self.bytes -= dropped.numel() * dropped.element_size()
         return out
 
 
@@ -58,7 +81,7 @@ class PriorCache(RowCache):
 
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor | None,
-        compute: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+        compute: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], weights: Iterable[torch.Tensor] = (),
     ) -> torch.Tensor:
         """The prior of every row of `ids`: cached rows read back, the others computed in one batch."""
         context = run_context(ids.device)
@@ -70,7 +93,7 @@ class PriorCache(RowCache):
             index = index.to(ids.device)
             return compute(ids[index], None if mask is None else mask[index])
 
-        return self.lookup(keys, missing)
+        return self.lookup(keys, missing, weights)
 
 
 def run_context(device: torch.device) -> Hashable:
