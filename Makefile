@@ -34,7 +34,7 @@ gpu-check: setup
 	@if [ "$$($(PY) -c 'import torch; print(torch.cuda.device_count())')" -gt 1 ]; then \
 		HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m src.run task_name=gpu_check trainer=ddp model=mapper_base \
 			model.pretrained=false vision_pretraining=null text_pretraining=null data.batch_size=8 \
-			+trainer.max_steps=20 trainer.max_epochs=1 test=false logger=csv visualize=0; \
+			+trainer.max_steps=20 trainer.max_epochs=1 test=false logger=csv visualize=0 data.cache_samples=false; \
 	fi
 
 lint: setup

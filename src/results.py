@@ -107,8 +107,9 @@ def result_row(
     config: Mapping[str, Any], choices: Mapping[str, str], params: Mapping[str, Any],
     splits: Mapping[str, Mapping[str, float]], shuffled: Mapping[str, Mapping[str, float]],
     best_val: float | None, checkpoint: str | None, wall_seconds: float, output_dir: Path,
+    processes: int | None = None,
 ) -> dict[str, Any]:
-    """One run's line of the results table."""
+    """One run's line of the results table; `processes`: how many (DDP) processes ran it."""
     peft = {k: v for k, v in (config.get("peft") or {}).items() if not k.startswith("_")}
     ckpt = Path(checkpoint) if checkpoint else None
     return {
@@ -129,6 +130,7 @@ def result_row(
         "best_val_acc50": best_val,
         "best_epoch": best_epoch(checkpoint),
         "wall_seconds": wall_seconds,
+        "processes": processes,
         "peak_memory_bytes": peak_memory_bytes(),
         "seed": config.get("seed"),
         "git_commit": git_commit(),

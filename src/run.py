@@ -303,6 +303,7 @@ def train_and_test(cfg: DictConfig, progress: RunProgress) -> float | None:
     row = result_row(
         config, choices=hydra_choices(), params=params, splits=splits, shuffled=shuffled, best_val=best_score,
         checkpoint=best_ckpt or cfg.get("ckpt_path"), wall_seconds=wall, output_dir=out_dir,
+        processes=trainer.world_size,
     )
     table = append_result(results_file(out_dir), row)
     log.info("results written to %s (and a line in %s)", out_dir / "results.json", table)
@@ -333,7 +334,8 @@ def record_failure(cfg: DictConfig, progress: RunProgress, err: Exception, secon
         "parameters": params, "config": config,
     })
     row = result_row(config, choices=hydra_choices(), params=params, splits={}, shuffled={}, best_val=None,
-                     checkpoint=kept, wall_seconds=round(seconds, 2), output_dir=out_dir)
+                     checkpoint=kept, wall_seconds=round(seconds, 2), output_dir=out_dir,
+                     processes=trainer.world_size if trainer is not None else None)
     append_result(results_file(out_dir), row | {"status": "failed", "reason": str(err)})
 
 

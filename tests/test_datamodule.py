@@ -337,3 +337,24 @@ def test_pretraining_corpus_is_a_separate_synthetic_draw(tmp_path: Path) -> None
     assert [r[3] for r in records[:6]] != [r[3] for r in benchmark[:6]]
     with pytest.raises(ValueError, match="seed other than"):
         dm.synthetic_corpus(seed=0, scenes=4)
+
+
+def test_sample_cache_stays_within_its_byte_budget(root: Path, caplog) -> None:
+    from src.data.dataset import CachedSamples, sample_bytes
+
+    probe = make_dm(root, augment={"enabled": False})
+    probe.setup("fit")
+    train_bytes = sample_bytes(probe.datasets["train:train"][0]) * 7
+    budget_mb = (train_bytes + 1000) / 2**20  # room for the train split, not for val besides it
+    dm = make_dm(root, augment={"enabled": False}, cache_samples=True, cache_max_mb=budget_mb)
+    with caplog.at_level("WARNING"):
+        dm.setup("fit")
+    assert isinstance(dm.datasets["train:train"], CachedSamples)
+    assert abs(dm.datasets["train:train"].nbytes - train_bytes) <= 8 * 7  # plus each sample's image digest
+    assert not isinstance(dm.datasets["val"], CachedSamples)
+    assert "val is not cached" in caplog.text and "data.cache_max_mb" in caplog.text
+    batch = next(iter(dm.val_dataloader()))  # served computed on the fly, the same contract
+    assert batch["image"].shape[0] == 4
+    unbounded = make_dm(root, augment={"enabled": False}, cache_samples=True, cache_max_mb=None)
+    unbounded.setup("fit")
+    assert all(isinstance(d, CachedSamples) for d in unbounded.datasets.values())

@@ -130,3 +130,24 @@ def test_a_diverging_job_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path: P
     assert rows[0]["reason"].startswith("non-finite loss at global step")
     assert json.loads((tmp_path / "sweep" / "0" / "results.json").read_text())["status"] == "failed"
     assert [e["runs"] for e in results.summarise(rows)] == [1]  # failed runs are not averaged in
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_jobs_run_ddp_gives_one_job_per_point_each_on_two_processes(tmp_path: Path):
+    from tests.test_distributed import free_port
+
+    os.environ["MASTER_PORT"] = str(free_port())
+    try:
+        proc = sweep(tmp_path, "seed=1,2", "trainer.strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                     "shuffled_text_check=false")
+    finally:
+        del os.environ["MASTER_PORT"]
+    folders = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert folders == ["0", "1"], folders  # no job folders from the re-launched processes
+    rows = [json.loads(line) for line in (tmp_path / "sweep" / results.RESULTS_NAME).read_text().splitlines()]
+    assert [(r["seed"], r["processes"], r["status"]) for r in rows] == [(1, 2, "ok"), (2, 2, "ok")]
+    for job in folders:  # each job's second process wrote its own log in the job's folder
+        assert (tmp_path / "sweep" / job / "train_ddp_process_1.log").exists(), proc.stderr[-2000:]
+        assert json.loads((tmp_path / "sweep" / job / "results.json").read_text())["status"] == "ok"
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "sweep")], capture_output=True, text=True)
+    assert not leftover.stdout.strip(), "a process of the sweep is still alive"

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from src.config import checked_fields
 from src.data.benchmarks import BOX_FORMATS, BenchmarkSpec, get_benchmark
-from src.data.dataset import CachedSamples, RecordDataset, collate, derangement
+from src.data.dataset import CachedSamples, RecordDataset, collate, derangement, sample_bytes
 from src.data.problems import DataError, check_policy
 from src.data.readers import SplitFileError, is_degenerate, read_jsonl, read_refer, read_transvg
 from src.data.records import Record
@@ -77,6 +77,7 @@ class GroundingDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         shuffle_text_seed: int = 0,
         cache_samples: bool = False,
+        cache_max_mb: float | None = 4096,
         bad_records: str = "fail",
         exif_transpose: bool = False,
         shuffle: bool = True,
@@ -100,7 +101,7 @@ class GroundingDataModule(L.LightningDataModule):
         self.bert_vocab, self.clip_vocab = bert_vocab, clip_vocab
         self.cache_dir, self.synthetic = cache_dir, dict(synthetic or {})
         self.drop_last, self.pin_memory, self.shuffle_text_seed = drop_last, pin_memory, shuffle_text_seed
-        self.cache_samples = cache_samples
+        self.cache_samples, self.cache_max_mb = cache_samples, cache_max_mb
         self.bad_records, self.exif_transpose = check_policy(bad_records), exif_transpose
         self.shuffle = shuffle
         self._split_root, self._image_root, self._data_root = split_root, image_root, data_root
@@ -300,10 +301,26 @@ class GroundingDataModule(L.LightningDataModule):
         off) is computed once into memory instead.
         """
         dataset = self.record_dataset(split, train, phrase_permutation_seed)
-        if self.cache_samples and not (train and self.augment.enabled):
+        if self.cache_samples and not (train and self.augment.enabled) and self.fits_in_cache(split, dataset):
             log.info("caching the %d samples of %s in memory", len(dataset), split)
             return CachedSamples(dataset)
         return dataset
+
+    def fits_in_cache(self, split: str, dataset: Dataset) -> bool:
+        """Whether caching `dataset` keeps this process's cached samples within `cache_max_mb` (estimated from
+        its first sample); when not, it is served computed on the fly, with a warning. Under DDP every
+        process holds its own cache, so a node holds `cache_max_mb` times its processes at most."""
+        if self.cache_max_mb is None or len(dataset) == 0:
+            return True
+        held = sum(d.nbytes for d in self.datasets.values() if isinstance(d, CachedSamples))
+        need = sample_bytes(dataset[0]) * len(dataset)
+        if held + need <= self.cache_max_mb * 2**20:
+            return True
+        log.warning("data.cache_samples: %s is not cached: its %d samples take about %.0f MiB, and with the %.0f MiB "
+                    "already cached that exceeds data.cache_max_mb=%g per process; its samples are computed on the "
+                    "fly (raise data.cache_max_mb if the memory is there)", split, len(dataset), need / 2**20,
+                    held / 2**20, self.cache_max_mb)
+        return False
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets the stage needs (fit: train + val; validate: val; test: the test splits)."""

@@ -199,6 +199,16 @@ class CachedSamples(Dataset):
         """The stored sample."""
         return self.samples[index]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the samples' tensors."""
+        return sum(sample_bytes(s) for s in self.samples)
+
+
+def sample_bytes(sample: dict[str, Any]) -> int:
+    """Bytes of a sample's tensors (what caching it costs, strings and small numbers aside)."""
+    return sum(v.numel() * v.element_size() for v in sample.values() if torch.is_tensor(v))
+
 
 def image_digest(image: torch.Tensor) -> torch.Tensor:
     """A 64-bit digest (int64 scalar) of an image tensor's dtype, shape and values."""
