@@ -1,12 +1,22 @@
-"""`ckpt_path=last`: find the newest `last.ckpt` of an earlier run with the same settings, to resume it."""
+"""`ckpt_path=last`: find the newest `last.ckpt` of an earlier run with the same settings and continue that run in
+its own folder; refuse to continue it on another number of processes."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from src.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # The settings that make two runs "the same run" (trainer, logging and paths may differ, e.g. to train
 # longer or on another machine).
@@ -38,3 +48,53 @@ def find_last_checkpoint(config: Mapping[str, Any], roots: Iterable[str | Path])
         f"ckpt_path=last: none of the {len(candidates)} last.ckpt files under {[str(r) for r in roots]} comes from "
         "a run with these settings (task_name, model, peft, data, optim, loss, seed, pretraining)"
     )
+
+
+def resume_last_run(cfg: DictConfig, config: Mapping[str, Any]) -> None:
+    """`ckpt_path=last`: point `cfg` (resolved as `config`) at the newest `last.ckpt` of a run with the same settings
+    and continue in that run's folder; what Hydra wrote for this invocation moves there (no stray run folder)."""
+    last = find_last_checkpoint(config, cfg.get("resume_roots") or ["outputs"])
+    with open_dict(cfg):
+        cfg.ckpt_path, cfg.paths.output_dir = str(last), str(last.parent.parent)
+    log.info("resuming from %s; the run continues in %s", cfg.ckpt_path, cfg.paths.output_dir)
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        move_invocation(Path(hydra.runtime.output_dir), hydra.output_subdir, Path(cfg.paths.output_dir))
+
+
+def move_invocation(folder: Path, config_subdir: str | None, run_dir: Path) -> None:
+    """Move this invocation's log files and Hydra config folder from `folder` (Hydra's run folder for it) to
+    `<run_dir>/resumes/<folder name>/`, and remove `folder` if nothing else is left in it.
+
+    The log files keep being written at their new place. Only what Hydra wrote is moved: `hydra.run.dir` may
+    name a folder that holds other things.
+    """
+    if folder.resolve() == run_dir.resolve():
+        return
+    target = run_dir / "resumes" / folder.name
+    for n in range(1, 1000):  # another invocation's folder of the same name already moved there
+        if not target.exists():
+            break
+        target = run_dir / "resumes" / f"{folder.name}-{n}"
+    target.mkdir(parents=True)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder.resolve():
+            with handler.lock:
+                handler.close()  # reopened at the new place by its next record
+                moved = target / Path(handler.baseFilename).name
+                shutil.move(handler.baseFilename, moved)
+                handler.baseFilename, handler.mode = str(moved.resolve()), "a"
+    if config_subdir and (folder / config_subdir).is_dir():
+        shutil.move(folder / config_subdir, target / config_subdir)
+    with contextlib.suppress(OSError):  # not empty (other files, or a DDP process's log not moved yet) or gone
+        folder.rmdir()
+
+
+def check_processes(saved: int | None, now: int) -> None:
+    """Refuse to continue training on another number of processes than the checkpoint's run had."""
+    if saved is not None and saved != now:
+        raise ConfigError(
+            f"the checkpoint was saved by a run on {saved} processes (trainer.devices x trainer.num_nodes) and this "
+            f"run has {now}: its data order, per-process batches and learning-rate schedule would not continue as "
+            f"they were. Resume it on {saved} processes, or evaluate it on any number (train=false ckpt_path=<file>)."
+        )
