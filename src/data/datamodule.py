@@ -117,6 +117,8 @@ class GroundingDataModule(L.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self.dropped: dict[str, int] = {}
         self._records: dict[str, list[Record]] = {}
+        self._train_loader: ResumableLoader | None = None
+        self._train_position: dict[str, Any] | None = None  # a checkpoint's train loader state, not yet applied
 
     # ------------------------------------------------------------------------------------------ roots
 
@@ -379,10 +381,24 @@ class GroundingDataModule(L.LightningDataModule):
         return self.datasets[key]
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented loader over the train split; refuses a split too small for one batch."""
+        """Shuffled, augmented loader over the train split, resumable inside an epoch; refuses a split too small for
+        one batch."""
         dataset = self._dataset(f"train:{self.train_split}", self.train_split, True)
         self.check_one_batch(len(dataset))
-        return self._loader(dataset, train=True)
+        self._train_loader = self._loader(dataset, train=True)
+        if self._train_position:
+            self._train_loader.load_state_dict(self._train_position)
+            self._train_position = None
+        return self._train_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the train loader stands in its epoch: checkpoints carry it, and a resumed run continues there."""
+        return {} if self._train_loader is None else {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's train loader state for the next train loader. Lightning restores its own copy only
+        into a loader built after the restore, and this one is built before it (the LR schedule asks for its length)."""
+        self._train_position = state_dict.get("train_loader")
 
     def check_one_batch(self, size: int) -> None:
         """With drop_last, a process needs at least one full batch, or it trains on nothing and "succeeds"."""
