@@ -4,6 +4,7 @@ its own folder; refuse to continue it on another number of processes."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import shutil
 from collections.abc import Iterable, Mapping
@@ -67,24 +68,27 @@ def move_invocation(folder: Path, config_subdir: str | None, run_dir: Path) -> N
     `<run_dir>/resumes/<folder name>/`, and remove `folder` if nothing else is left in it.
 
     The log files keep being written at their new place. Only what Hydra wrote is moved: `hydra.run.dir` may
-    name a folder that holds other things.
+    name a folder that holds other things. DDP processes of the same invocation add their own logs to the same
+    sub-folder; another invocation whose folder had the same name gets `<folder name>-<n>`.
     """
     if folder.resolve() == run_dir.resolve():
         return
-    target = run_dir / "resumes" / folder.name
-    for n in range(1, 1000):  # another invocation's folder of the same name already moved there
-        if not target.exists():
-            break
-        target = run_dir / "resumes" / f"{folder.name}-{n}"
-    target.mkdir(parents=True)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder.resolve():
-            with handler.lock:
-                handler.close()  # reopened at the new place by its next record
-                moved = target / Path(handler.baseFilename).name
-                shutil.move(handler.baseFilename, moved)
-                handler.baseFilename, handler.mode = str(moved.resolve()), "a"
+    logs = [h for h in logging.getLogger().handlers
+            if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == folder.resolve()]
+    names = [Path(h.baseFilename).name for h in logs]
     if config_subdir and (folder / config_subdir).is_dir():
+        names.append(config_subdir)
+    resumes = run_dir / "resumes"
+    places = (resumes / (folder.name if n == 0 else f"{folder.name}-{n}") for n in itertools.count())
+    target = next(place for place in places if not any((place / name).exists() for name in names))
+    target.mkdir(parents=True, exist_ok=True)
+    for handler in logs:
+        with handler.lock:
+            handler.close()  # reopened at the new place by its next record
+            moved = target / Path(handler.baseFilename).name
+            shutil.move(handler.baseFilename, moved)
+            handler.baseFilename, handler.mode = str(moved.resolve()), "a"
+    if config_subdir in names:
         shutil.move(folder / config_subdir, target / config_subdir)
     with contextlib.suppress(OSError):  # not empty (other files, or a DDP process's log not moved yet) or gone
         folder.rmdir()

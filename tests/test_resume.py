@@ -52,9 +52,9 @@ class KillAt(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def launch(tmp_path: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+def launch(tmp_path: Path, run_dir: Path, *extra: str, job: list[str] = JOB) -> subprocess.CompletedProcess:
     env = {**os.environ, "REC_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "src.run", *JOB, f"hydra.run.dir={run_dir}", f"resume_roots=[{tmp_path / 'killed'}]",
+    cmd = [sys.executable, "-m", "src.run", *job, f"hydra.run.dir={run_dir}", f"resume_roots=[{tmp_path / 'killed'}]",
            *extra]
     return subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
 
@@ -88,13 +88,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path):
     out = finished(launch(tmp_path, tmp_path / "resume2", "ckpt_path=last"))
     assert f"resuming from {last}" in out
     resumed = json.loads((run / "results.json").read_text())  # the resumed run continues in the killed run's folder
-    final = {name: torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
-             for name, folder in (("whole", tmp_path / "whole"), ("resumed", run))}
-    assert final["whole"]["global_step"] == final["resumed"]["global_step"] == 24
-    diffs = {k: (v - final["resumed"]["state_dict"][k]).abs().max().item()
-             for k, v in final["whole"]["state_dict"].items() if v.is_floating_point()}
-    worst = max(diffs, key=diffs.get)
-    assert diffs[worst] == 0.0, (worst, diffs[worst])  # bit-identical training
+    assert torch.load(last, weights_only=True)["global_step"] == 24
+    same_weights(tmp_path / "whole", run)
     assert Path(resumed["best_checkpoint"]).name == Path(whole["best_checkpoint"]).name
     assert resumed["best_val_acc50"] == whole["best_val_acc50"]
     assert resumed["splits"] == whole["splits"]
@@ -106,6 +101,35 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path):
     for name in ("resume1", "resume2"):
         assert "ckpt_path=last" in (run / "resumes" / name / ".hydra" / "overrides.yaml").read_text()
         assert f"resuming from {last}" in (run / "resumes" / name / "run.log").read_text()
+
+
+def same_weights(a: Path, b: Path) -> None:
+    """The two runs' final `last.ckpt` hold bit-identical weights."""
+    first, second = (torch.load(p / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for p in (a, b))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(v, second[k]) for k, v in first.items())
+
+
+@pytest.mark.slow
+def test_ddp_run_resumes_inside_an_epoch_on_as_many_processes_only(tmp_path: Path):
+    # 2 CPU processes (gloo), 3 epochs of 6 steps of 2 x 4 samples; killed after the save at step 8 (epoch 1)
+    job = [*JOB, "trainer.max_epochs=3", "data.batch_size=4", "trainer.accelerator=cpu", "trainer.strategy=ddp",
+           "trainer.devices=2"]
+    finished(launch(tmp_path, tmp_path / "whole", job=job))
+    run = tmp_path / "killed" / "run"
+    killed(launch(tmp_path, run, KILLER, "+callbacks.kill.step=8", job=job))
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (saved["epoch"], saved["global_step"], saved["processes"]) == (1, 8, 2)
+
+    refused = launch(tmp_path, tmp_path / "one", "ckpt_path=last", "trainer.devices=1", job=job)
+    assert refused.returncode != 0
+    assert "saved by a run on 2 processes" in refused.stdout + refused.stderr
+
+    finished(launch(tmp_path, tmp_path / "resume", "ckpt_path=last", job=job))
+    same_weights(tmp_path / "whole", run)
+    assert (run / "csv" / "metrics.csv").read_text() == (tmp_path / "whole" / "csv" / "metrics.csv").read_text()
+    assert not (tmp_path / "one").exists() and not (tmp_path / "resume").exists()
+    assert (run / "resumes" / "resume" / "train_ddp_process_1.log").is_file()  # the other process's log too
 
 
 def test_last_checkpoint_is_found_only_for_the_same_settings(tmp_path: Path):
@@ -203,23 +227,37 @@ def test_wandb_run_id_is_kept_in_the_run_folder(tmp_path: Path):
     assert again._wandb_init["resume"] == "allow"
 
 
-def test_resuming_invocation_files_move_into_the_run(tmp_path: Path):
-    stray, run_dir = tmp_path / "outputs" / "2026-01-01_00-00-00", tmp_path / "run"
-    (stray / ".hydra").mkdir(parents=True)
-    (stray / ".hydra" / "overrides.yaml").write_text("- ckpt_path=last\n")
-    handler = logging.FileHandler(stray / "run.log")
+def moved_with_log(folder: Path, log_name: str, config_subdir: str | None, run_dir: Path) -> None:
+    """Log a line into `folder/log_name`, move the invocation to `run_dir`, log another line."""
+    handler = logging.FileHandler(folder / log_name)
     root = logging.getLogger()
     root.addHandler(handler)
     try:
         root.warning("before the move")
-        move_invocation(stray, ".hydra", run_dir)
+        move_invocation(folder, config_subdir, run_dir)
         root.warning("after the move")
     finally:
         root.removeHandler(handler)
         handler.close()
+
+
+def test_resuming_invocation_files_move_into_the_run(tmp_path: Path):
+    stray, run_dir = tmp_path / "outputs" / "2026-01-01_00-00-00", tmp_path / "run"
+    (stray / ".hydra").mkdir(parents=True)
+    (stray / ".hydra" / "overrides.yaml").write_text("- ckpt_path=last\n")
+    moved_with_log(stray, "run.log", ".hydra", run_dir)
     moved = run_dir / "resumes" / stray.name
     assert not stray.exists()
     assert (moved / ".hydra" / "overrides.yaml").read_text() == "- ckpt_path=last\n"
+    assert (moved / "run.log").read_text().splitlines() == ["before the move", "after the move"]
+
+    stray.mkdir()  # DDP: the other process re-runs the command in the same folder, without a Hydra config folder
+    moved_with_log(stray, "train_ddp_process_1.log", None, run_dir)
+    assert not stray.exists() and (moved / "train_ddp_process_1.log").is_file()
+
+    (stray / ".hydra").mkdir(parents=True)  # another invocation whose folder has the same name
+    moved_with_log(stray, "run.log", ".hydra", run_dir)
+    assert (run_dir / "resumes" / f"{stray.name}-1" / ".hydra").is_dir()
     assert (moved / "run.log").read_text().splitlines() == ["before the move", "after the move"]
 
     (tmp_path / "mine").mkdir()  # a folder holding other things is left, less what Hydra wrote
