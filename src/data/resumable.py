@@ -1,9 +1,10 @@
 """The train loader that a checkpoint can resume part-way through an epoch.
 
-Lightning saves the `state_dict` of a train loader that has one inside every checkpoint and, when a run resumes
-from a save made inside an epoch, hands it back through `load_state_dict` before the loader is iterated again.
-`ResumableLoader` keeps what decides the rest of the epoch: the seed of the epoch's order and how many batches it
-has handed out. The resumed loader then serves exactly the batches the uninterrupted run would have served next.
+`ResumableLoader.state_dict` holds what decides the rest of the epoch under way: the seed of the epoch's order and
+how many batches the loader has handed out; after `load_state_dict` the loader serves exactly the batches the
+uninterrupted run would have served next. Checkpoints carry that state twice: Lightning saves it for any train
+loader that has a `state_dict`, and the datamodule saves it too, because Lightning hands it back only to a loader
+built after the restore (src/data/datamodule.py, `load_state_dict`).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class ResumableLoader(DataLoader):
                 "samples": len(self.dataset), "batch_size": self.batch_size}  # type: ignore[arg-type]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue the saved epoch at its next batch (Lightning calls this only for a save made inside an epoch)."""
+        """Continue the saved epoch at its next batch; a state saved at an epoch's end changes nothing."""
         if not state or not isinstance(self.sampler, ResumableSampler):
             return
         now = {"samples": len(self.dataset), "batch_size": self.batch_size}  # type: ignore[arg-type]
