@@ -157,6 +157,11 @@ class GroundingModule(L.LightningModule):
         validation, the per-module modes it captured before it."""
         self.model.train()
 
+    def on_train_start(self) -> None:
+        """The same at the start of training: a run resumed inside an epoch gets no on_train_epoch_start for it
+        (its frozen backbones would otherwise train with dropout until the next epoch)."""
+        self.model.train()
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if not self._has_samples("train", batch):  # every sample skipped: no step (under DDP a zero step,
             # so that the other processes' gradient all-reduce still finds this one)

@@ -30,7 +30,7 @@ from src.loggers import finish_wandb
 from src.params import format_report, parameter_report
 from src.report import prediction_grid, print_table, split_metrics, write_results
 from src.results import append_result, hydra_choices, in_multirun, reset_peak_memory, result_row, results_file
-from src.resume import find_last_checkpoint
+from src.resume import resume_last_run
 from src.trust import check_stored_config
 
 log = logging.getLogger(__name__)
@@ -235,10 +235,7 @@ def train_and_test(cfg: DictConfig, progress: RunProgress) -> float | None:
     start = time.perf_counter()
     reset_peak_memory()
     if cfg.get("ckpt_path") == "last":  # continue that run, in its own folder (best-checkpoint tracking included)
-        last = find_last_checkpoint(resolved(cfg), cfg.get("resume_roots") or ["outputs"])
-        with open_dict(cfg):
-            cfg.ckpt_path, cfg.paths.output_dir = str(last), str(last.parent.parent)
-        log.info("resuming from %s; the run continues in %s", cfg.ckpt_path, cfg.paths.output_dir)
+        resume_last_run(cfg, resolved(cfg))
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     evaluate_only = bool(cfg.get("ckpt_path")) and not cfg.train

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from src.config import checked_fields
 from src.data.benchmarks import BOX_FORMATS, BenchmarkSpec, get_benchmark
@@ -19,6 +20,7 @@ from src.data.dataset import CachedSamples, RecordDataset, collate, derangement,
 from src.data.problems import DataError, check_policy
 from src.data.readers import SplitFileError, is_degenerate, read_jsonl, read_refer, read_transvg
 from src.data.records import Record
+from src.data.resumable import ResumableLoader, ResumableSampler
 from src.data.tokenizers import bert_tokenizer, clip_tokenizer
 from src.data.transforms import AugmentSettings, build_transform
 from src.errors import ConfigError
@@ -111,6 +113,8 @@ class GroundingDataModule(L.LightningDataModule):
         self.dropped: dict[str, int] = {}
         self._records: dict[str, list[Record]] = {}
         self._positions: dict[str, list[int]] = {}  # per split: each usable record's place among those read
+        self._train_loader: ResumableLoader | None = None
+        self._train_position: dict[str, Any] | None = None  # a checkpoint's train loader state, not yet applied
 
     # ------------------------------------------------------------------------------------------ roots
 
@@ -356,33 +360,43 @@ class GroundingDataModule(L.LightningDataModule):
             dataset, num_replicas=self.world_size, rank=self.trainer.global_rank, shuffle=False
         )
 
-    def train_sampler(self, dataset: Dataset) -> Sampler | None:
-        """Under several processes, a DistributedSampler that honours `shuffle` (Lightning's own always
-        shuffles the train split), seeded as Lightning seeds its own (PL_GLOBAL_SEED)."""
+    def train_sampler(self, dataset: Dataset) -> ResumableSampler:
+        """This process's share of the train split, in an order a checkpoint can resume part-way through an epoch.
+
+        Under several processes it shards and orders as a DistributedSampler seeded as Lightning seeds its own
+        (PL_GLOBAL_SEED), but honours `shuffle` (Lightning's own always shuffles); in one process it orders as a
+        DataLoader's RandomSampler (seeded from torch's RNG at each epoch start).
+        """
         if self.world_size == 1:
-            return None
+            return ResumableSampler(dataset, num_replicas=1, rank=0, shuffle=self.shuffle, seed=None)
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return DistributedSampler(
+        return ResumableSampler(
             dataset, num_replicas=self.world_size, rank=self.trainer.global_rank, shuffle=self.shuffle, seed=seed
         )
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        """A DataLoader with the Batch collate; shuffled and dropping the last partial batch when training.
+        """A DataLoader with the Batch collate; when training, resumable inside an epoch (src/data/resumable.py)
+        and dropping the last partial batch.
 
-        Cached datasets are served without worker processes: nothing is left for them to compute.
+        Cached datasets are served without worker processes: nothing is left for them to compute. Worker processes
+        take their seeds from a generator of their own (seeded by PL_GLOBAL_SEED and the rank), not from torch's
+        RNG: a resumed run then draws from that RNG exactly what the uninterrupted run draws after the save.
         """
         workers = 0 if isinstance(dataset, CachedSamples) else self.num_workers
-        sampler = self.train_sampler(dataset) if train else self.eval_sampler(dataset)
-        return DataLoader(
+        generator = None
+        if workers:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            generator = torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)) + rank)
+        return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train and self.shuffle and sampler is None,
-            sampler=sampler,
+            sampler=self.train_sampler(dataset) if train else self.eval_sampler(dataset),
             drop_last=train and self.drop_last,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=self.pin_memory,
             collate_fn=collate,
+            generator=generator,
         )
 
     def _dataset(self, key: str, split: str, train: bool) -> Dataset:
@@ -392,10 +406,24 @@ class GroundingDataModule(L.LightningDataModule):
         return self.datasets[key]
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented loader over the train split; refuses a split too small for one batch."""
+        """Shuffled, augmented loader over the train split, resumable inside an epoch; refuses a split too small for
+        one batch."""
         dataset = self._dataset(f"train:{self.train_split}", self.train_split, True)
         self.check_one_batch(len(dataset))
-        return self._loader(dataset, train=True)
+        self._train_loader = self._loader(dataset, train=True)
+        if self._train_position:
+            self._train_loader.load_state_dict(self._train_position)
+            self._train_position = None
+        return self._train_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the train loader stands in its epoch: checkpoints carry it, and a resumed run continues there."""
+        return {} if self._train_loader is None else {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's train loader state for the next train loader. Lightning restores its own copy only
+        into a loader built after the restore, and this one is built before it (the LR schedule asks for its length)."""
+        self._train_position = state_dict.get("train_loader")
 
     def check_one_batch(self, size: int) -> None:
         """With drop_last, a process needs at least one full batch, or it trains on nothing and "succeeds"."""
