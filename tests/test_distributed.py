@@ -240,6 +240,16 @@ def test_ddp_trainer_configs_compose() -> None:
             assert cfg.trainer.devices is not None
 
 
+@pytest.mark.parametrize("trainer", ["gpu", "ddp"])
+def test_the_gpu_precision_follows_the_model_mode(trainer: str) -> None:
+    official = compose([f"trainer={trainer}", "model.mode=official"])
+    assert (official.trainer.precision, official.eval_fp32) == ("16-mixed", True)  # as the official code
+    clean = compose([f"trainer={trainer}"])
+    assert (clean.trainer.precision, clean.eval_fp32) == ("bf16-mixed", False)
+    chosen = compose([f"trainer={trainer}", "model.mode=official", "trainer.precision=bf16-mixed", "eval_fp32=false"])
+    assert (chosen.trainer.precision, chosen.eval_fp32) == ("bf16-mixed", False)  # single values still override
+
+
 def _build_with_a_count(cache: str, marker: str) -> str:
     """One of several processes asking for the same cache entry; each build leaves a line in `marker`."""
     import time
@@ -306,5 +316,7 @@ def test_paper_experiment_in_official_mode_takes_its_first_ddp_step_on_two_cpu_p
         "+trainer.limit_val_batches=1", "test=false", "shuffled_text_check=false", devices=2)
     config = results["config"]
     assert results["status"] == "ok" and config["model"]["mode"] == "official"
-    assert config["trainer"]["strategy"] == "ddp" and config["trainer"]["precision"] == "bf16-mixed"
+    # official mode trains in fp16 AMP and evaluates in fp32, as the official code (Lightning runs bf16 on CPU)
+    assert config["trainer"]["strategy"] == "ddp" and config["trainer"]["precision"] == "16-mixed"
+    assert config["eval_fp32"] is True
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
