@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# Tests leave no trace in the checkout: run folders (outputs/, multirun/) and caches (the synthetic
+# benchmark, pretraining stages) go to a temporary folder, removed when the session ends.
+_SCRATCH = tempfile.mkdtemp(prefix="rec-tests-")
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
+os.environ.setdefault("REC_RUNS_ROOT", os.path.join(_SCRATCH, "runs"))
+os.environ.setdefault("REC_CACHE_DIR", os.path.join(_SCRATCH, "cache"))
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT_ROOT.parent / "shared"
