@@ -34,6 +34,7 @@ from src.models.encoders import (
     build_bert,
     build_clip_text,
 )
+from src.schedules import one_cycle
 from src.weights_cache import cached_state_dict
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def train_tokens(
     optimizer = torch.optim.AdamW(
         [*module.parameters(), *head.parameters()], lr=settings.lr, weight_decay=1e-4, fused=True
     )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps, pct_start=0.1)
+    schedule = one_cycle(optimizer, settings.lr, settings.steps, "text_pretraining.steps")
     generator = torch.Generator().manual_seed(settings.seed)
     module.train()
     loss = torch.zeros(())

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from src.data.synthetic import COLOURS, SHAPES, record_attributes, split_path
 from src.data.transforms import EvalTransform
 from src.models.encoders import VisionSettings, build_vit
+from src.schedules import one_cycle
 from src.weights_cache import cached_state_dict
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def train_dense(
     head = nn.Linear(vit.embed_dim, n_colour + n_shape + 4)
     params = [*vit.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps, pct_start=0.1)
+    schedule = one_cycle(optimizer, settings.lr, settings.steps, "vision_pretraining.steps")
     generator = torch.Generator().manual_seed(settings.seed)
     prefix = vit.num_prefix_tokens
     vit.train()
