@@ -1,7 +1,7 @@
 """The suite's entry point: `python -m src.run [overrides]`.
 
 Trains the configured model on the configured benchmark, keeps the best checkpoint by `val/acc50`,
-tests it on every test split (keys `test_<split>/acc50`), optionally measures accuracy with the
+tests it on every test split (keys `test/<split>/acc50`), optionally measures accuracy with the
 expressions shuffled across samples, and writes results.json, predictions.png, CSV/W&B logs and the
 checkpoint under the run folder. Returns the best `val/acc50` so that Hydra sweepers can optimise it.
 """
