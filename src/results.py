@@ -57,6 +57,9 @@ NOT_RECIPE = (
 )
 # ... except the callbacks' choice of the checkpoint that is tested.
 RECIPE_CALLBACKS = ("callbacks.model_checkpoint.monitor", "callbacks.model_checkpoint.mode")
+# Files that count by their name, not their folder: the backbone pretraining's cached weights are named by
+# a digest of their settings, and live under each machine's own cache folder.
+RECIPE_FILE_NAMES = ("model.*.init_checkpoint",)
 # An evaluation's recipe is its checkpoint's, with these settings of the evaluation itself.
 EVALUATION_SETTINGS = ("data", "eval_fp32", "trainer.precision", "trainer.limit_test_batches",
                        "trainer.fast_dev_run")
@@ -161,9 +164,10 @@ def _under(key: str, prefixes: Iterable[str]) -> bool:
 
 
 def _recipe_only(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """The recipe settings of a flat config; unset ones (null, empty) are left out, so that a new setting
-    that defaults to null does not change every fingerprint."""
-    return {k: v for k, v in sorted(flat.items())
+    """The recipe settings of a flat config (RECIPE_FILE_NAMES as file names); unset ones (null, empty) are
+    left out, so that a new setting that defaults to null does not change every fingerprint."""
+    return {k: Path(str(v)).name if any(fnmatch(k, p) for p in RECIPE_FILE_NAMES) else v
+            for k, v in sorted(flat.items())
             if v is not None and v != {} and (k in RECIPE_CALLBACKS or not any(fnmatch(k, p) for p in NOT_RECIPE))}
 
 

@@ -152,6 +152,8 @@ def test_kinds_of_runs_and_where_the_notebook_reads():
     assert "seed" not in recipe and "trainer.max_epochs" in recipe and "peft.rank" in recipe
     assert not any(k.startswith(("paths.", "logger.")) or k == "data.num_workers" for k in recipe)
     assert results.run_recipe(resolved(compose(["train=false", "ckpt_path=x.ckpt"]))) is None  # no stored config
+    cached = {"model": {"vision": {"init_checkpoint": "/machine/a/.cache/vit-synthetic-0123.pt"}}}
+    assert results.run_recipe(cached) == {"model.vision.init_checkpoint": "vit-synthetic-0123.pt"}
     assert results.resolve_sources(None) == [PROJECT_ROOT / "experiments" / "petl_comparison"]
     assert results.resolve_sources("multirun /abs/x") == [PROJECT_ROOT / "multirun", Path("/abs/x")]
     with pytest.raises(results.NoRunsFound, match="found 0 runs to show"):
