@@ -512,25 +512,33 @@ def format_table(entries: Sequence[Mapping[str, Any]], fmt: str = "markdown") ->
     return "\n".join(lines)
 
 
+def counted(n: int, singular: str, plural: str | None = None) -> str:
+    """`1 run`, `2 runs`: a count with its noun in the right number."""
+    return f"{n} {singular if n == 1 else plural or singular + 's'}"
+
+
 def describe(found: Collected, runs: Sequence[Mapping[str, Any]], left_out: Mapping[str, int], groups: int,
              show_more: str) -> str:
     """What was read and what the table holds: files with their line counts, paths not found, runs and
     groups, what was left out and why (`show_more`: how to ask for debug runs), recipes unknown."""
-    files = [f"{path} ({n} lines)" for path, n in found.files.items()]
-    lines = [f"read {len(files)} results file{'s' if len(files) != 1 else ''}: "
-             + (", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "") if files else "none")]
+    files = [f"{path} ({counted(n, 'line')})" for path, n in found.files.items()]
+    listed = ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
+    lines = [f"read {counted(len(files), 'results file')}: {listed or 'none'}"]
     if found.missing:
         lines.append(f"not found: {', '.join(found.missing)}")
-    why = {"failed": "failed", "debug": f"debug runs ({show_more} shows them)",
-           "evaluation": "evaluations", "training": "training runs",
-           "re-evaluation": "evaluations of weights already counted (the last one read counts)"}
-    dropped = [f"{n} {why.get(k, k)}" for k, n in left_out.items()] + (
-        [f"{found.read_twice} lines read twice"] if found.read_twice else [])
-    lines.append(f"{len(runs)} runs in {groups} groups; left out: {', '.join(dropped) or 'none'}")
+    nouns = {"failed": ("failed run", None), "debug": ("debug run", None), "evaluation": ("evaluation", None),
+             "training": ("training run", None),
+             "re-evaluation": ("evaluation of weights already counted", "evaluations of weights already counted")}
+    notes = {"debug": f" ({show_more} shows them)", "re-evaluation": " (the last one read counts)"}
+    dropped = [counted(n, *nouns.get(k, (k, None))) + notes.get(k, "") for k, n in left_out.items()]
+    if found.read_twice:
+        dropped.append(f"{counted(found.read_twice, 'line')} read twice")
+    lines.append(f"{counted(len(runs), 'run')} in {counted(groups, 'group')}; left out: {', '.join(dropped) or 'none'}")
     unknown = sum(1 for r in runs if not r.get("recipe"))
     if unknown:
-        lines.append(f"{unknown} runs of unknown recipe (lines written before recipes were recorded, without "
-                     "their run's results.json): grouped by kind, experiment, benchmark, method, mode and settings")
+        lines.append(f"{counted(unknown, 'run')} of unknown recipe (lines written before recipes were recorded, "
+                     "without their run's results.json): grouped by kind, experiment, benchmark, method, mode and "
+                     "settings")
     return "\n".join(lines)
 
 

@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from src import results
 from src.config import CONFIG_DIR, compose
 from src.errors import ConfigError
-from src.run import resolved, run
+from src.run import resolved, run, run_choices
 from tests.conftest import PROJECT_ROOT
 from tests.test_default_job import TINY_JOB
 
@@ -160,6 +161,15 @@ def test_kinds_of_runs_and_where_the_notebook_reads():
         results.load_table([PROJECT_ROOT / "no-such-folder"])
     with pytest.raises(ConfigError, match="unknown kind of run"):
         results.load_table([PROJECT_ROOT / "experiments"], ["training", "debugg"])
+
+
+def test_an_evaluation_is_labelled_with_its_checkpoints_method(tmp_path: Path):
+    checkpoint = tmp_path / "lora.ckpt"
+    torch.save({"state_dict": {}, "choices": {"model": "mapper_tiny", "peft": "lora", "data": "synthetic"}},
+               checkpoint)
+    assert run_choices(compose(["train=false", f"ckpt_path={checkpoint}"])) == {"model": "mapper_tiny",
+                                                                                  "peft": "lora"}
+    assert run_choices(compose([f"ckpt_path={checkpoint}"])) == {}  # training (resuming): the run's own choices
 
 
 def execute_notebook(folder: Path, **env: str):
