@@ -160,6 +160,7 @@ def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _under(key: str, prefixes: Iterable[str]) -> bool:
+    """Whether a dotted key is one of `prefixes` or inside one of them."""
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
