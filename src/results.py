@@ -417,8 +417,8 @@ def summarise(rows: Sequence[Mapping[str, Any]], include: Iterable[str] = SHOWN_
                                           -e.get("tunable_backbone", 0.0), str(e["method"]), str(e["recipe"])))
 
 
-# Recipe settings the table shows as columns already (benchmark, mode, method).
-SHOWN_SETTINGS = ("data.dataset", "data.mode", "model.mode", "peft._target_")
+# Recipe settings the table shows as columns already (benchmark, mode, method, rank).
+SHOWN_SETTINGS = ("data.dataset", "data.mode", "model.mode", "peft._target_", "peft.rank")
 
 
 def recipe_differences(entries: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -207,7 +207,7 @@ def test_the_notebook_reads_the_committed_study_from_anywhere_and_says_when_it_f
     nbclient = pytest.importorskip("nbclient")
     (tmp_path / "empty").mkdir()
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="found 0 runs to show"):
-        execute_notebook(tmp_path / "elsewhere", **installed, PETL_RESULTS=str(tmp_path / "empty"))
+        execute_notebook(tmp_path / "elsewhere", **{**installed, "PETL_RESULTS": str(tmp_path / "empty")})
 
 
 @pytest.mark.slow
@@ -227,6 +227,7 @@ def test_method_rank_seed_sweep_feeds_the_table_and_the_notebook(tmp_path: Path,
     table = capsys.readouterr().out
     assert sum(line.startswith("| synthetic | training |") for line in table.splitlines()) == 4
     assert len({r["recipe"] for r in rows}) == 4  # method x rank; the seed is not part of a recipe
+    assert "peft.rank" not in table.splitlines()[0]  # the rank column shows it
 
     figure = tmp_path / "figure.png"
     outputs = execute_notebook(PROJECT_ROOT / "notebooks", PETL_RESULTS=str(tmp_path / "sweep"),
