@@ -29,7 +29,7 @@ from src.checkpoints import (
 from src.data.problems import SkippedRecords
 from src.errors import UserError
 from src.losses import GroundingLoss
-from src.metrics import GroundingAccuracy
+from src.metrics import GroundingAccuracy, split_metric_key
 from src.models.grounder import Grounder, GrounderOutput
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def grad_scaler(trainer: L.Trainer) -> torch.amp.GradScaler | None:
 class GroundingModule(L.LightningModule):
     """Wraps a Grounder: loss, optimiser groups, validation on `val`, testing on named splits.
 
-    Metric keys are `train/loss`, `val/acc50`, `val/miou` and `test_<split>/acc50` etc., where the
+    Metric keys are `train/loss`, `val/acc50`, `val/miou` and `test/<split>/acc50` etc., where the
     test split names come from `test_split_names` (set by the runner to the datamodule's splits).
     """
 
@@ -260,9 +260,9 @@ class GroundingModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         for name, metric in zip(self.test_split_names, self.test_metrics, strict=True):
             scores = metric.compute()
-            self.log(f"test_{name}/acc50", scores["acc50"], add_dataloader_idx=False)
-            self.log(f"test_{name}/miou", scores["miou"], add_dataloader_idx=False)
-            self.log(f"test_{name}/n", scores["n"].float(), add_dataloader_idx=False)
+            self.log(split_metric_key(name, "acc50"), scores["acc50"], add_dataloader_idx=False)
+            self.log(split_metric_key(name, "miou"), scores["miou"], add_dataloader_idx=False)
+            self.log(split_metric_key(name, "n"), scores["n"].float(), add_dataloader_idx=False)
             metric.reset()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

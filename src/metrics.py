@@ -24,6 +24,12 @@ def canvas_iou(pred_cxcywh: torch.Tensor, target_cxcywh: torch.Tensor) -> torch.
     return paired_iou(pred, target)
 
 
+def split_metric_key(split: str, name: str) -> str:
+    """The logged name of a test split's metric, `test/<split>/<name>` (e.g. `test/testA/acc50`): every test
+    split under one `test/` prefix (one W&B section), as `val/acc50` for validation."""
+    return f"test/{split}/{name}"
+
+
 class GroundingAccuracy(Metric):
     """Acc@threshold (share of predictions with IoU >= threshold) and mean IoU over all samples."""
 

@@ -12,18 +12,20 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
+from src.metrics import split_metric_key
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def split_metrics(logged: Mapping[str, Any], splits: Sequence[str]) -> dict[str, dict[str, float | int]]:
-    """Collect `test_<split>/{acc50,miou,n}` entries from Lightning's logged metrics."""
+    """Collect the `test/<split>/{acc50,miou,n}` entries from Lightning's logged metrics."""
     out = {}
     for split in splits:
         out[split] = {
-            "acc50": float(logged[f"test_{split}/acc50"]),
-            "miou": float(logged[f"test_{split}/miou"]),
-            "n": int(logged[f"test_{split}/n"]),
+            "acc50": float(logged[split_metric_key(split, "acc50")]),
+            "miou": float(logged[split_metric_key(split, "miou")]),
+            "n": int(logged[split_metric_key(split, "n")]),
         }
     return out
 

@@ -1,7 +1,7 @@
 """The suite's entry point: `python -m src.run [overrides]`.
 
 Trains the configured model on the configured benchmark, keeps the best checkpoint by `val/acc50`,
-tests it on every test split (keys `test_<split>/acc50`), optionally measures accuracy with the
+tests it on every test split (keys `test/<split>/acc50`), optionally measures accuracy with the
 expressions shuffled across samples, and writes results.json, predictions.png, CSV/W&B logs and the
 checkpoint under the run folder. Returns the best `val/acc50` so that Hydra sweepers can optimise it.
 """
@@ -23,13 +23,21 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from src.backbone_pretraining import apply_backbone_pretraining
-from src.checkpoints import load_checkpoint_file, load_into, read_checkpoint
+from src.checkpoints import load_checkpoint_file, load_into, read_checkpoint, read_choices
 from src.errors import ConfigError, as_user_error, reported_errors
 from src.lit import GroundingModule, OverflowGuard
 from src.loggers import finish_wandb
 from src.params import format_report, parameter_report
 from src.report import prediction_grid, print_table, split_metrics, write_results
-from src.results import append_result, hydra_choices, in_multirun, reset_peak_memory, result_row, results_file
+from src.results import (
+    append_result,
+    hydra_choices,
+    in_multirun,
+    reset_peak_memory,
+    result_row,
+    results_file,
+    weights_digest,
+)
 from src.resume import resume_last_run
 from src.trust import check_stored_config
 
@@ -297,14 +305,25 @@ def train_and_test(cfg: DictConfig, progress: RunProgress) -> float | None:
         "parameters": params,
         "config": config,
     })
+    evaluated = {"checkpoint_config": stored_config, "weights": weights_digest(stored_state)} if evaluate_only else {}
     row = result_row(
-        config, choices=hydra_choices(), params=params, splits=splits, shuffled=shuffled, best_val=best_score,
+        config, choices=run_choices(cfg), params=params, splits=splits, shuffled=shuffled, best_val=best_score,
         checkpoint=best_ckpt or cfg.get("ckpt_path"), wall_seconds=wall, output_dir=out_dir,
-        processes=trainer.world_size,
+        processes=trainer.world_size, **evaluated,
     )
     table = append_result(results_file(out_dir), row)
     log.info("results written to %s (and a line in %s)", out_dir / "results.json", table)
     return best_score
+
+
+def run_choices(cfg: DictConfig) -> dict[str, str]:
+    """The config-group choices for the results line: an evaluation's model and method are its checkpoint's
+    (the ones it records; none for files written before they were recorded), not the command line's."""
+    choices = hydra_choices()
+    if cfg.get("ckpt_path") and not cfg.train:
+        choices = {k: v for k, v in choices.items() if k not in ("model", "peft")}
+        choices |= {k: v for k, v in read_choices(cfg.ckpt_path).items() if k in ("model", "peft")}
+    return choices
 
 
 def data_problems(datamodule: L.LightningDataModule, module: GroundingModule) -> dict:

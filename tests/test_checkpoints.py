@@ -18,6 +18,7 @@ from src.checkpoints import (
     trainable_state,
 )
 from src.config import compose
+from src.results import RESULTS_NAME, summarise
 from src.run import build_module, run
 from tests.conftest import TINY_MODEL
 from tests.test_default_job import TINY_JOB
@@ -149,3 +150,10 @@ def test_evaluating_a_checkpoint_needs_nothing_but_the_checkpoint(tmp_path: Path
         assert again["config"]["peft"]["_target_"].endswith("LibraryPeft") and again["config"]["seed"] == 5
         assert again["splits"] == trained["splits"]
         assert again["shuffled_text"] == trained["shuffled_text"]
+    # Their results lines: evaluations of the same weights (the .ckpt and its export), in the training run's
+    # recipe (evaluated as it was tested), counted once in the table.
+    lines = [json.loads((tmp_path / name / RESULTS_NAME).read_text()) for name in ("train", "eval0", "eval1")]
+    assert [line["kind"] for line in lines] == ["training", "evaluation", "evaluation"]
+    assert lines[1]["weights"] == lines[2]["weights"] and lines[0]["weights"] is None
+    assert lines[0]["recipe"] == lines[1]["recipe"] == lines[2]["recipe"]
+    assert [(e["kind"], e["runs"]) for e in summarise(lines)] == [("training", 1), ("evaluation", 1)]

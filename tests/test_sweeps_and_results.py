@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from src import results
 from src.config import CONFIG_DIR, compose
-from src.run import run
+from src.errors import ConfigError
+from src.run import resolved, run, run_choices
 from tests.conftest import PROJECT_ROOT
 from tests.test_default_job import TINY_JOB
 
@@ -30,10 +33,20 @@ def sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def row(method: str, seed: int, acc: float, rank: int | None = 8, **extra) -> dict:
+    """A results line as written before kinds and recipes were recorded (a trained run: it has a val score)."""
     return {"benchmark": "synthetic", "method": method, "rank": rank, "peft": {"rank": rank}, "mode": "clean",
             "seed": seed, "tunable_backbone": 100, "tunable_backbone_pct": 1.0, "splits": {"test": {"acc50": acc,
             "miou": acc / 2, "n": 10}}, "shuffled_text": {"test": 0.1}, "output_dir": f"{method}-{seed}-{rank}",
-            "wall_seconds": 1.0, **extra}
+            "wall_seconds": 1.0, "best_val_acc50": acc, **extra}
+
+
+def line(out: Path, overrides: list[str], acc: float, choices: dict | None = None, **extra) -> dict:
+    """The results line `src.run` writes for a run of `overrides` (its config resolved as a run resolves it)."""
+    config = resolved(compose(overrides))
+    return results.result_row(
+        config, choices or {}, params={"tunable_backbone": 100, "tunable_backbone_pct": 1.0},
+        splits={"test": {"acc50": acc, "miou": acc / 2, "n": 10}}, shuffled={}, best_val=acc, checkpoint=None,
+        wall_seconds=acc, output_dir=out, **extra)
 
 
 def test_summary_groups_seeds_and_keeps_settings_apart():
@@ -46,9 +59,9 @@ def test_summary_groups_seeds_and_keeps_settings_apart():
     assert lora["acc50/test"] == pytest.approx(0.6) and lora["acc50/test_std"] == pytest.approx(0.1414, abs=1e-4)
     assert entries[("adapter", 8)]["runs"] == 1  # the failed run is not averaged in
     table = results.format_table(list(entries.values()))
-    assert "0.600 ± 0.141" in table and "| lora | 32 |" in table
+    assert "0.600 ± 0.141" in table and "| training | unknown | lora | 32 |" in table
     csv_text = results.format_table(list(entries.values()), "csv")
-    assert csv_text.splitlines()[0].startswith("benchmark,method,mode,settings,rank,runs")
+    assert csv_text.splitlines()[0].startswith("benchmark,kind,recipe,method,rank,mode,experiment,settings,runs")
 
 
 def test_results_lines_are_read_once_from_files_and_folders(tmp_path: Path):
@@ -56,6 +69,145 @@ def test_results_lines_are_read_once_from_files_and_folders(tmp_path: Path):
     results.append_result(path, row("lora", 1, 0.5))
     results.append_result(path, row("lora", 2, 0.6))
     assert len(results.load_results([tmp_path, path])) == 2
+
+
+def test_runs_are_grouped_only_with_runs_of_their_own_kind_and_recipe(tmp_path: Path, capsys):
+    """Debug runs, evaluations re-run on one checkpoint and two recipes of 2 seeds each: one row per kind and
+    recipe with the right run count, the setting that differs as a column, debug runs shown only when asked."""
+    sweep, single = tmp_path / "multirun" / "sweep", tmp_path / "outputs"
+    # the configs two evaluated checkpoints carry; an evaluation takes its seed from its checkpoint
+    trained = {seed: resolved(compose([f"seed={seed}"])) for seed in (1, 2)}
+    lines = {
+        sweep: [line(sweep / "0", ["seed=1"], 0.5), line(sweep / "1", ["seed=2"], 0.7),
+                line(sweep / "2", ["seed=1", "trainer.max_epochs=16"], 0.2),
+                line(sweep / "3", ["seed=2", "trainer.max_epochs=16"], 0.4)],
+        single: [line(single / "d1", ["debug=fast_dev_run"], 0.01, {"debug": "fast_dev_run"}),
+                 line(single / "d2", ["debug=limit"], 0.02),  # outside Hydra: known by its task name
+                 *[line(single / f"e{i}", ["train=false", "ckpt_path=best.ckpt", "seed=1"], 0.5 + i / 1000,
+                        checkpoint_config=trained[1], weights="same-weights") for i in range(3)],
+                 line(single / "e3", ["train=false", "ckpt_path=other.ckpt", "seed=2"], 0.7,
+                      checkpoint_config=trained[2], weights="other-weights")],
+    }
+    for folder, written in lines.items():
+        for r in written:
+            results.append_result(folder / results.RESULTS_NAME, r)
+    kinds = [r["kind"] for r in lines[single]]
+    assert kinds == ["debug", "debug", "evaluation", "evaluation", "evaluation", "evaluation"]
+    default_recipe = lines[sweep][0]["recipe"]
+    assert lines[sweep][1]["recipe"] == default_recipe != lines[sweep][2]["recipe"] == lines[sweep][3]["recipe"]
+    # evaluating a run's checkpoint as the run tested it gives that run's recipe
+    assert {r["recipe"] for r in lines[single][2:]} == {default_recipe}
+
+    entries, text = results.load_table([tmp_path])
+    runs = {(e["kind"], e["recipe_settings"]["trainer.max_epochs"]): e for e in entries}
+    assert {k: (e["runs"], e["seeds"]) for k, e in runs.items()} == {
+        ("training", 14): (2, [1, 2]), ("training", 16): (2, [1, 2]), ("evaluation", 14): (2, [1, 2])}
+    assert runs[("training", 14)]["acc50/test"] == pytest.approx(0.6)
+    assert runs[("evaluation", 14)]["acc50/test"] == pytest.approx(0.601)  # the last evaluation of a checkpoint
+    assert "6 runs in 3 groups; left out: 2 debug runs (--include debug shows them), " \
+           "2 evaluations of weights already counted" in text
+    assert "read 2 results files" in text and "(4 lines)" in text and "(6 lines)" in text
+    assert results.recipe_differences(entries) == ["trainer.max_epochs"]
+    table = results.format_table(entries)
+    assert table.splitlines()[0].startswith("| benchmark | kind | recipe | method | rank | mode | trainer.max_epochs |")
+    assert f"| synthetic | training | {default_recipe} | mapper | 32 | clean | 14 | 2 |" in table
+
+    assert results.main([str(tmp_path), "--include", "debug"]) == 0
+    captured = capsys.readouterr()
+    debug_rows = [r for r in captured.out.splitlines() if "| debug |" in r]
+    assert len(debug_rows) == 2 and all(" | 1 | " in r for r in debug_rows)  # two recipes, one run each
+    assert "8 runs in 5 groups; left out: 2 evaluations of weights already counted" in captured.err
+    assert "trainer.fast_dev_run" in captured.out.splitlines()[0]
+
+
+def test_a_results_line_from_before_kinds_and_recipes_still_loads(tmp_path: Path):
+    """Old lines: with their run's results.json the recipe is derived from its config, else it is unknown
+    (and such lines are grouped by experiment, method and settings, as before)."""
+    committed = PROJECT_ROOT / "experiments" / "petl_comparison" / "results_synthetic.jsonl"
+    old = json.loads(committed.read_text().splitlines()[0])
+    assert "kind" not in old and "recipe" not in old
+    run_dir = tmp_path / "sweep" / "0"
+    run_dir.mkdir(parents=True)
+    config = resolved(compose(["peft=lora", "seed=4"]))
+    (run_dir / "results.json").write_text(json.dumps({"wall_seconds": 12.5, "config": config}))
+    moved = {**old, "output_dir": "/elsewhere/sweep/0", "wall_seconds": 12.5, "experiment": "train"}
+    results.append_result(tmp_path / "sweep" / results.RESULTS_NAME, moved)
+    results.append_result(tmp_path / results.RESULTS_NAME, old)
+    found = {r["experiment"]: r for r in results.load_results([tmp_path])}
+    assert found["petl_synthetic"] | {"kind": "training", "recipe": None, "derived_from": "guess"} == \
+        found["petl_synthetic"]
+    derived = found["train"]
+    assert derived["derived_from"] == "results.json" and derived["kind"] == "training"
+    assert derived["recipe"] == line(run_dir, ["peft=lora", "seed=4"], 0.5)["recipe"]
+    entries, text = results.load_table([committed])
+    assert len(entries) == 12 and {e["runs"] for e in entries} == {3} and {e["recipe"] for e in entries} == {"unknown"}
+    assert "36 runs of unknown recipe" in text
+
+
+def test_kinds_of_runs_and_where_the_notebook_reads():
+    for name in ("fast_dev_run", "limit", "overfit", "profiler"):
+        assert results.run_kind(resolved(compose([f"debug={name}"])), {}) == "debug"
+    assert results.run_kind(resolved(compose([])), {}) == "training"
+    assert results.run_kind(resolved(compose(["train=false", "ckpt_path=x.ckpt"])), {}) == "evaluation"
+    recipe = results.run_recipe(resolved(compose([])))
+    assert "seed" not in recipe and "trainer.max_epochs" in recipe and "peft.rank" in recipe
+    assert not any(k.startswith(("paths.", "logger.")) or k == "data.num_workers" for k in recipe)
+    assert results.run_recipe(resolved(compose(["train=false", "ckpt_path=x.ckpt"]))) is None  # no stored config
+    cached = {"model": {"vision": {"init_checkpoint": "/machine/a/.cache/vit-synthetic-0123.pt"}}}
+    assert results.run_recipe(cached) == {"model.vision.init_checkpoint": "vit-synthetic-0123.pt"}
+    assert results.resolve_sources(None) == [PROJECT_ROOT / "experiments" / "petl_comparison"]
+    assert results.resolve_sources("multirun /abs/x") == [PROJECT_ROOT / "multirun", Path("/abs/x")]
+    with pytest.raises(results.NoRunsFound, match="found 0 runs to show"):
+        results.load_table([PROJECT_ROOT / "no-such-folder"])
+    with pytest.raises(ConfigError, match="unknown kind of run"):
+        results.load_table([PROJECT_ROOT / "experiments"], ["training", "debugg"])
+
+
+def test_an_evaluation_is_labelled_with_its_checkpoints_method(tmp_path: Path):
+    checkpoint = tmp_path / "lora.ckpt"
+    torch.save({"state_dict": {}, "choices": {"model": "mapper_tiny", "peft": "lora", "data": "synthetic"}},
+               checkpoint)
+    assert run_choices(compose(["train=false", f"ckpt_path={checkpoint}"])) == {"model": "mapper_tiny",
+                                                                                  "peft": "lora"}
+    assert run_choices(compose([f"ckpt_path={checkpoint}"])) == {}  # training (resuming): the run's own choices
+
+
+def execute_notebook(folder: Path, **env: str):
+    """Run the comparison notebook, copied into `folder` (its kernel starts there), with `env` set."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(PROJECT_ROOT / "notebooks" / "compare_petl.ipynb", as_version=4)
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(folder)}}).execute()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+
+
+@pytest.mark.slow
+def test_the_notebook_reads_the_committed_study_from_anywhere_and_says_when_it_finds_nothing(tmp_path: Path):
+    """Run from a copy outside the repository (the suite importable as when installed): the default source is
+    the committed study, found from the suite's own location; an empty source fails loudly."""
+    installed = {"PYTHONPATH": str(PROJECT_ROOT), "PETL_RESULTS": "", "PETL_FIGURE": str(tmp_path / "fig.png")}
+    outputs = execute_notebook(tmp_path / "elsewhere", **installed)
+    printed = "".join(o.get("text", "") for o in outputs)
+    assert "results_synthetic.jsonl (36 lines)" in printed and "36 runs in 12 groups" in printed
+    markdown = "".join(o.data.get("text/markdown", "") for o in outputs if "data" in o)
+    assert "| synthetic | training | unknown | mapper | 32 | clean | 3 |" in markdown
+    assert (tmp_path / "fig.png").stat().st_size > 10_000
+
+    nbclient = pytest.importorskip("nbclient")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(nbclient.exceptions.CellExecutionError, match="found 0 runs to show"):
+        execute_notebook(tmp_path / "elsewhere", **{**installed, "PETL_RESULTS": str(tmp_path / "empty")})
 
 
 @pytest.mark.slow
@@ -67,31 +219,26 @@ def test_method_rank_seed_sweep_feeds_the_table_and_the_notebook(tmp_path: Path,
         (m, k, s) for m in ("lora", "adapter") for k in (4, 8) for s in (1, 2))
     for r in rows:
         assert r["status"] == "ok" and r["benchmark"] == "synthetic" and r["git_commit"]
+        assert r["kind"] == "training" and r["recipe"] == results.recipe_id(r["recipe_settings"])
         assert r["checkpoint_bytes"] > 0 and r["best_epoch"] == 0 and r["peak_memory_bytes"] > 0
         assert 0 <= r["splits"]["test"]["acc50"] <= 1 and "test" in r["shuffled_text"]
         assert r["tunable_backbone"] > 0 and r["trainable"] > r["tunable_backbone"]
     assert results.main([str(tmp_path / "sweep")]) == 0
     table = capsys.readouterr().out
-    assert sum(line.startswith("| synthetic |") for line in table.splitlines()) == 4
+    assert sum(line.startswith("| synthetic | training |") for line in table.splitlines()) == 4
+    assert len({r["recipe"] for r in rows}) == 4  # method x rank; the seed is not part of a recipe
+    assert "peft.rank" not in table.splitlines()[0]  # the rank column shows it
 
-    notebook = PROJECT_ROOT / "notebooks" / "compare_petl.ipynb"
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.read(notebook, as_version=4)
     figure = tmp_path / "figure.png"
-    os.environ["PETL_RESULTS"], os.environ["PETL_FIGURE"] = str(tmp_path / "sweep"), str(figure)
-    try:
-        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                resources={"metadata": {"path": str(notebook.parent)}}).execute()
-    finally:
-        del os.environ["PETL_RESULTS"], os.environ["PETL_FIGURE"]
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    outputs = execute_notebook(PROJECT_ROOT / "notebooks", PETL_RESULTS=str(tmp_path / "sweep"),
+                               PETL_FIGURE=str(figure))
     assert not [o for o in outputs if o.output_type == "error"]
     markdown = "".join(o.data.get("text/markdown", "") for o in outputs if "data" in o)
-    assert "| synthetic | lora | 4 |" in markdown and "| synthetic | adapter | 8 |" in markdown
+    assert re.search(r"\| synthetic \| training \| \w{10} \| lora \| 4 \| clean \| 2 \|", markdown)
+    assert re.search(r"\| synthetic \| training \| \w{10} \| adapter \| 8 \| clean \| 2 \|", markdown)
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert figure.stat().st_size > 10_000
-    assert "8 runs, 4 configurations" in "".join(o.get("text", "") for o in outputs)
+    assert "8 runs in 4 groups; left out: none" in "".join(o.get("text", "") for o in outputs)
 
 
 @pytest.mark.slow
@@ -119,7 +266,8 @@ def test_fast_dev_run_debug_mode_runs_end_to_end(tmp_path: Path):
     run(cfg)
     written = json.loads((tmp_path / "run" / "results.json").read_text())
     assert written["splits"]["test"]["n"] > 0
-    assert (tmp_path / "run" / results.RESULTS_NAME).exists()
+    written_line = json.loads((tmp_path / "run" / results.RESULTS_NAME).read_text())
+    assert written_line["kind"] == "debug" and written_line["recipe_settings"]["trainer.fast_dev_run"] is True
 
 
 @pytest.mark.slow

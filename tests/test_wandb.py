@@ -54,7 +54,7 @@ def test_offline_run_holds_metrics_config_and_prediction_tables(tmp_path: Path, 
         elif kind == "config":
             config |= {item.key for item in record.config.update}
     for key in ("train/loss", "train/l1", "train/giou", "lr-AdamW/head", "val/loss", "val/acc50", "val/miou",
-                "test_test/acc50", "test_test/miou", "test_test/n", "val/predictions/nrows"):
+                "test/test/acc50", "test/test/miou", "test/test/n", "val/predictions/nrows"):
         assert key in history, key
     assert {"config", "parameters"} <= config
 

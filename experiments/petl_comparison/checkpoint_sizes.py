@@ -5,7 +5,7 @@
 For each method the full-size model is built with random weights (`model.pretrained=false`, no
 downloads), and two files are written and measured: the `.safetensors` export (weights + config) and the
 Lightning checkpoint as a run writes it, with AdamW's state as it stands after the first step (two
-moments per trainable tensor). Prints a markdown table.
+moments per trainable tensor). Prints a markdown table, sizes in MiB (2^20 bytes).
 """
 
 from __future__ import annotations
@@ -62,13 +62,13 @@ def main(argv: list[str]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             rows.append(measure(peft, Path(tmp)))
         print(f"measured {peft}", file=sys.stderr)
-    mb = 2**20
+    mib = 2**20
     print("| method | trainable parameters | checkpoint (.ckpt, with AdamW state) | weights (.safetensors) "
           "| whole model state |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['peft']} | {r['trainable']:,} | {r['ckpt_bytes'] / mb:.1f} MB "
-              f"| {r['safetensors_bytes'] / mb:.1f} MB | {r['whole_model_bytes'] / mb:.0f} MB |")
+        print(f"| {r['peft']} | {r['trainable']:,} | {r['ckpt_bytes'] / mib:.1f} MiB "
+              f"| {r['safetensors_bytes'] / mib:.1f} MiB | {r['whole_model_bytes'] / mib:.0f} MiB |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
