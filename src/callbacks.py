@@ -149,8 +149,8 @@ class WandbPredictionTable(Callback):
 
 class TrainingProgressLog(Callback):
     """Plain training progress lines, for log files: every `every_n_steps` optimiser steps or `every_s` seconds,
-    whichever comes first, the step, loss, speed and time left; at every epoch end, the epoch's mean loss, the
-    validation metrics and time left.
+    whichever comes first, the step, loss, speed and time left; at every epoch end, the epoch's steps, speed and
+    mean loss, the validation's duration and metrics, and time left.
 
     `active="auto"` writes them when stdout is not a terminal (a log file gets nothing from a live progress bar
     until it ends) or when no rich progress bar is shown; a terminal's bar is left alone. `"always"`, `"never"`.
@@ -183,6 +183,7 @@ class TrainingProgressLog(Callback):
         self.epoch_start, self.epoch_first_step = time.monotonic(), trainer.global_step
         self.loss_sum: torch.Tensor | None = None
         self.batches = self.epoch_samples = 0
+        self.batch_end = self.epoch_start
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -192,12 +193,13 @@ class TrainingProgressLog(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is None:  # a batch of skipped records: no step
             return
-        loss = loss.detach() * trainer.accumulate_grad_batches  # Lightning hands over loss / accumulation
+        loss = loss.detach()  # Lightning hands over loss / accumulate_grad_batches: multiplied back when shown
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.batches += 1
         size = len(batch.get("phrase", ())) if isinstance(batch, dict) else 0
         self.samples, self.epoch_samples = self.samples + size, self.epoch_samples + size
-        step, now = trainer.global_step, time.monotonic()
+        step = trainer.global_step
+        now = self.batch_end = time.monotonic()
         if step == self.last_step or (step % self.every_n_steps and now - self.last < self.every_s):
             return
         rate = (step - self.last_step) / max(now - self.last, 1e-9)
@@ -205,7 +207,7 @@ class TrainingProgressLog(Callback):
         total = trainer.estimated_stepping_batches
         where = f"step {step}" + (f"/{total} ({100 * step / total:.0f}%)" if math.isfinite(total) else "")
         log.info("train: %s, %s, loss %.4f, %.3g steps/s (%.0f samples/s)%s", self.epoch_label(trainer), where,
-                 float(loss), rate, rate * per_step, self.time_left(trainer, now))
+                 float(loss) * trainer.accumulate_grad_batches, rate, rate * per_step, self.time_left(trainer, now))
         self.last, self.last_step = now, step
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -213,13 +215,16 @@ class TrainingProgressLog(Callback):
         if not self.enabled or not self.batches:
             return
         now = time.monotonic()
-        seconds, steps = now - self.epoch_start, trainer.global_step - self.epoch_first_step
+        seconds = max(self.batch_end - self.epoch_start, 1e-9)  # its training batches; validation came after
+        steps = trainer.global_step - self.epoch_first_step
         metrics = trainer.callback_metrics
         shown = ", ".join(f"{key} {float(metrics[key]):.4f}" for key in ("val/acc50", "val/miou", "val/loss")
                           if key in metrics)
-        log.info("train: %s done in %s (%.3g steps/s, %.0f samples/s), mean loss %.4f%s%s",
-                 self.epoch_label(trainer), duration(seconds), steps / seconds, self.epoch_samples / seconds,
-                 float(self.loss_sum) / self.batches, f", {shown}" if shown else "", self.time_left(trainer, now))
+        log.info("train: %s done: %d steps in %s (%.3g steps/s, %.0f samples/s), then validation %s, mean loss %.4f"
+                 "%s%s", self.epoch_label(trainer), steps, duration(seconds), steps / seconds,
+                 self.epoch_samples / seconds, duration(now - self.batch_end),
+                 float(self.loss_sum) * trainer.accumulate_grad_batches / self.batches, f", {shown}" if shown else "",
+                 self.time_left(trainer, now))
         self.last = now
 
     @staticmethod

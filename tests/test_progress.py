@@ -118,7 +118,8 @@ def test_a_tiny_run_writes_training_progress_to_its_log(tmp_path: Path) -> None:
     steps = re.findall(r"train: epoch \d/2, step (\d+)/12 \(\d+%\), loss [\d.]+, [\d.e+]+ steps/s \(\d+ samples/s\), "
                        r"\d+ s left", proc.stdout)
     assert steps == ["2", "4", "6", "8", "10", "12"], proc.stdout  # 6 steps per epoch, a line every 2 steps
-    epochs = re.findall(r"train: epoch (\d)/2 done in \d+ s \([\d.e+]+ steps/s, \d+ samples/s\), mean loss [\d.]+, "
-                        r"val/acc50 [\d.]+, val/miou [\d.]+, val/loss [\d.]+, \d+ s left", proc.stdout)
+    epochs = re.findall(r"train: epoch (\d)/2 done: 6 steps in \d+ s \([\d.e+]+ steps/s, \d+ samples/s\), then "
+                        r"validation \d+ s, mean loss [\d.]+, val/acc50 [\d.]+, val/miou [\d.]+, val/loss [\d.]+, "
+                        r"\d+ s left", proc.stdout)
     assert epochs == ["1", "2"], proc.stdout
     assert "train: epoch 2/2 done" in (tmp_path / "run" / "run.log").read_text()  # Hydra's log file has them too
