@@ -297,6 +297,8 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     logging.basicConfig(level=logging.WARNING)
+    for stage in ("src.pretrain_vision", "src.pretrain_text"):  # minutes when the pretraining cache is missing
+        logging.getLogger(stage).setLevel(logging.INFO)  # their progress lines go to stderr; stdout keeps the boxes
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if "ckpt" not in args or not (("image" in args and "text" in args) or "inputs" in args):
         raise SystemExit(__doc__)
