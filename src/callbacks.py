@@ -19,7 +19,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from src.errors import ConfigError
 from src.metrics import canvas_iou
-from src.progress import duration
+from src.progress import Progress, duration
 from src.report import canvas_with_boxes
 from src.resume import check_processes
 
@@ -147,10 +147,11 @@ class WandbPredictionTable(Callback):
         logger.log_metrics({"val/predictions": table, "val/prediction_images": images}, step=trainer.global_step)
 
 
-class TrainingProgressLog(Callback):
-    """Plain training progress lines, for log files: every `every_n_steps` optimiser steps or `every_s` seconds,
+class ProgressLog(Callback):
+    """Plain progress lines, for log files. Training: every `every_n_steps` optimiser steps or `every_s` seconds,
     whichever comes first, the step, loss, speed and time left; at every epoch end, the epoch's steps, speed and
-    mean loss, the validation's duration and metrics, and time left.
+    mean loss, the validation's duration and metrics, and time left. Validation and test loops that take longer
+    than `every_s` (real benchmarks on a CPU): every `every_s` seconds, the batches done, speed and time left.
 
     `active="auto"` writes them when stdout is not a terminal (a log file gets nothing from a live progress bar
     until it ends) or when no rich progress bar is shown; a terminal's bar is left alone. `"always"`, `"never"`.
@@ -171,8 +172,11 @@ class TrainingProgressLog(Callback):
             return self.active == "always"
         return not sys.stdout.isatty() or not isinstance(trainer.progress_bar_callback, RichProgressBar)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.enabled = trainer.is_global_zero and self.wanted(trainer)
+        self.loops: dict[tuple[str, int], Progress] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start = self.last = time.monotonic()
         self.first_step = self.last_step = trainer.global_step  # a resumed run starts past 0
         self.samples = 0
@@ -239,3 +243,28 @@ class TrainingProgressLog(Callback):
         if not math.isfinite(total) or done <= 0:
             return ""
         return f", {duration((total - trainer.global_step) * (now - self.start) / done)} left"
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.enabled and not trainer.sanity_checking:
+            self.evaluation(trainer.num_val_batches, "validation", batch_idx, dataloader_idx)
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.enabled:
+            names = getattr(pl_module, "test_split_names", None) or []
+            name = f"test {names[dataloader_idx]}" if dataloader_idx < len(names) else "test"
+            self.evaluation(trainer.num_test_batches, name, batch_idx, dataloader_idx)
+
+    def evaluation(self, totals: list[int | float], what: str, batch_idx: int, dataloader_idx: int) -> None:
+        """A line every `every_s` seconds of an evaluation loop (none for a loop that ends sooner)."""
+        key = (what, dataloader_idx)
+        if batch_idx == 0 or key not in self.loops:  # a new pass over this loader
+            total = totals[dataloader_idx]
+            self.loops[key] = Progress(what, int(total) if math.isfinite(total) else 0, log.info, unit="batches",
+                                       every_s=self.every_s)
+        self.loops[key].update(batch_idx + 1)

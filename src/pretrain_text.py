@@ -126,8 +126,9 @@ def train_tokens(
 ) -> float:
     """Train `module` so that every real token predicts every field of its phrase; returns the last loss.
 
-    The linear head is discarded afterwards. Padding tokens carry no loss. Logs a progress line (step, loss,
-    speed, time left) about every 10 s, reading the loss only then (no host sync on the other steps).
+    The linear head is discarded afterwards. Padding tokens carry no loss. Logs a progress line (`<what>
+    pretraining: step, loss, speed, time left`) about every 10 s, reading the loss only then (no host sync on
+    the other steps).
     """
     probe = features(ids[:1], mask[:1])
     head = nn.Linear(probe.shape[-1], sum(classes))

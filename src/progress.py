@@ -29,7 +29,7 @@ def figure(value: float | int | str) -> str:
 
 
 class Progress:
-    """Throttled progress lines of a loop over `total` items (`unit`), sent to `emit`.
+    """Throttled progress lines of a loop over `total` items (`unit`; 0 when unknown), sent to `emit`.
 
     `due(done)` is cheap (a clock read), so that a caller computes what costs something, e.g. a loss that needs a
     host sync, only for the lines it writes: `if progress.due(step): progress.update(step, loss=loss.item())`.
@@ -61,7 +61,8 @@ class Progress:
         """Write a line now."""
         now = self.clock()
         self.last, self.lines = now, self.lines + 1
-        parts = [f"{done}/{self.total} {self.unit} ({100 * done / max(self.total, 1):.0f}%)"]
+        parts = [f"{done}/{self.total} {self.unit} ({100 * done / self.total:.0f}%)" if self.total > 0 else
+                 f"{done} {self.unit}"]
         parts += [f"{name} {figure(value)}" for name, value in figures.items()]
         elapsed = now - self.start
         if done > 0 and elapsed > 0:

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from PIL import Image
 
 from src import progress
-from src.callbacks import TrainingProgressLog
+from src.callbacks import ProgressLog
 from src.data.check import check_images
 from src.data.dataset import CachedSamples, RecordDataset
 from src.data.records import Record
@@ -94,7 +94,7 @@ def test_sample_caching_and_the_data_doctor_report_progress(tmp_path: Path, monk
 
 
 def test_training_lines_leave_a_terminal_with_the_rich_bar_alone(monkeypatch) -> None:
-    callback = TrainingProgressLog()
+    callback = ProgressLog()
     rich, tqdm = SimpleNamespace(progress_bar_callback=RichProgressBar()), SimpleNamespace(
         progress_bar_callback=TQDMProgressBar())
     monkeypatch.setattr(sys, "stdout", SimpleNamespace(isatty=lambda: True))
@@ -102,7 +102,23 @@ def test_training_lines_leave_a_terminal_with_the_rich_bar_alone(monkeypatch) ->
     monkeypatch.setattr(sys, "stdout", SimpleNamespace(isatty=lambda: False))  # a log file: the rich bar shows
     # nothing there until it ends
     assert callback.wanted(rich)
-    assert not TrainingProgressLog(active="never").wanted(tqdm) and TrainingProgressLog(active="always").wanted(rich)
+    assert not ProgressLog(active="never").wanted(tqdm) and ProgressLog(active="always").wanted(rich)
+
+
+def test_long_evaluation_loops_report_batches_done(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="src.callbacks")
+    callback = ProgressLog(every_s=1e-9, active="always")  # a line per batch
+    trainer = SimpleNamespace(is_global_zero=True, progress_bar_callback=None, num_test_batches=[2, 3],
+                              num_val_batches=[float("inf")], sanity_checking=False)
+    callback.setup(trainer, None, "test")
+    module = SimpleNamespace(test_split_names=["testA", "testB"])
+    for loader, batches in enumerate((2, 3)):
+        for i in range(batches):
+            callback.on_test_batch_end(trainer, module, None, None, i, loader)
+    callback.on_validation_batch_end(trainer, module, None, None, 0)
+    lines = [r.getMessage().split(",")[0] for r in caplog.records]
+    assert lines == ["test testA: 1/2 batches (50%)", "test testA: 2/2 batches (100%)", "test testB: 1/3 batches (33%)",
+                     "test testB: 2/3 batches (67%)", "test testB: 3/3 batches (100%)", "validation: 1 batches"]
 
 
 @pytest.mark.slow
