@@ -12,13 +12,16 @@ peak memory: on CPU the RSS high-water mark of the timed phase, on GPU the peak 
 Options (key=value): `methods=` (comma-separated peft configs), `steps=5`, `warmup=1`, `batch=2`,
 `device=auto|cpu|cuda`, `precision=fp32|bf16` (bf16 autocast; weights stay fp32), `out=FILE.json`,
 `data=true|false` (also measure the data pipeline). Anything else is a Hydra override of the model.
-Prints a markdown table; `out=` also writes the figures as JSON.
+Prints a line per method as its process ends and a markdown table at the end; `out=` also writes the figures
+as JSON, rewritten after each method (`complete: false` and the `pending` methods until the bench ends), so a
+stopped bench keeps what finished.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from src.progress import duration
 
 OPTIONS = {"methods": "mapper,lora,adapter,full", "steps": "5", "warmup": "1", "batch": "2", "device": "auto",
            "precision": "fp32", "out": "", "data": "true"}
@@ -167,17 +172,29 @@ def measure_data(batch: int, image_size: int, samples: int = 32) -> dict[str, An
     return {"samples_per_s_per_worker": samples / seconds, "image": "640x480 JPEG", "transform": "train (augmented)"}
 
 
-def run_workers(options: dict[str, str], overrides: list[str]) -> list[dict[str, Any]]:
-    """Each method in a fresh `python -m src.bench worker=<method>` process; their JSON results."""
-    results = []
-    for method in [m for m in options["methods"].split(",") if m]:
-        args = [f"{k}={v}" for k, v in options.items() if k not in ("methods", "out", "data")]
-        proc = subprocess.run([sys.executable, "-m", "src.bench", f"worker={method}", *args, *overrides],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{method}: the benchmark process failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return results
+def run_worker(method: str, options: dict[str, str], overrides: list[str]) -> dict[str, Any]:
+    """One method measured in a fresh `python -m src.bench worker=<method>` process; its JSON result."""
+    args = [f"{k}={v}" for k, v in options.items() if k not in ("methods", "out", "data")]
+    proc = subprocess.run([sys.executable, "-m", "src.bench", f"worker={method}", *args, *overrides],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{method}: the benchmark process failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def method_line(result: dict[str, Any], done: int, total: int, seconds: float) -> str:
+    """The line printed when a method's process finishes: its main figures and how long it took."""
+    t, e, gib = result["train"], result["eval"], 1024**3
+    return (f"bench {done}/{total}: {result['method']} done in {seconds:.0f} s: train step {t['median_s']:.3f} s "
+            f"({t['images_per_s']:.2f} img/s, peak {t['peak_bytes'] / gib:.2f} GiB), eval {e['median_s']:.3f} s "
+            f"({e['images_per_s']:.2f} img/s)")
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Replace the results file in one step (written beside it, then moved), so a stop never leaves half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2))
+    os.replace(partial, path)
 
 
 def table(results: Sequence[dict[str, Any]]) -> str:
@@ -203,8 +220,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "worker" in options:
         print(json.dumps(measure_method(options["worker"], options, overrides)))
         return 0
-    results = run_workers(options, overrides)
-    report: dict[str, Any] = {"methods": results, "overrides": overrides}
+    methods = [m for m in options["methods"].split(",") if m]
+    out = Path(options["out"]) if options["out"] else None
+    results: list[dict[str, Any]] = []
+    report: dict[str, Any] = {"complete": False, "methods": results, "pending": methods, "overrides": overrides}
+    start = time.perf_counter()
+    print(f"bench: {len(methods)} methods ({', '.join(methods)}), each in its own process"
+          + (f"; {out} is rewritten after each" if out else ""), flush=True)
+    for done, method in enumerate(methods, 1):
+        began = time.perf_counter()
+        results.append(run_worker(method, options, overrides))
+        report["pending"] = methods[done:]
+        print(method_line(results[-1], done, len(methods), time.perf_counter() - began), flush=True)
+        if out:  # a stopped bench keeps the methods that finished
+            write_report(out, report)
     print(table(results))
     if options["data"].lower() in ("1", "true", "yes"):
         report["data_pipeline"] = measure_data(int(options["batch"]), results[0]["image_size"] if results else 518)
@@ -212,9 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         supplied = report["data_pipeline"]["samples_per_s_per_worker"]
         print(f"\ndata pipeline: {supplied:.1f} samples/s per loading process (640x480 JPEG, train transform); "
               f"training consumes {consumed} samples/s")
-    if options["out"]:
-        Path(options["out"]).write_text(json.dumps(report, indent=2))
-        print(f"\nwritten to {options['out']}")
+    report |= {"complete": True, "wall_seconds": round(time.perf_counter() - start, 1)}
+    print(f"\nbench took {duration(report['wall_seconds'])}")
+    if out:
+        write_report(out, report)
+        print(f"written to {out}")
     return 0
 
 

@@ -3,7 +3,10 @@
     python -m src.predict ckpt=best.ckpt image=photo.jpg text="the man on the left" [out=photo.pred.png]
     python -m src.predict ckpt=best.ckpt inputs=queries.jsonl [output=predictions.jsonl] [batch_size=16]
 
-Options (key=value): `device=auto|cpu|cuda`, `draw=true|false` (a PNG per prediction), `image_root=DIR`
+Every prediction is drawn (`draw=false` to skip): one picture goes to `out=` (default: `<image stem>.prediction.png`
+in the current folder); the pictures of `inputs=` go to `draw_dir=` (default: `<output stem>_drawn/` beside the
+output JSONL), each named `<image stem>_<n>.png` after its image and its line n in the output JSONL.
+Options (key=value): `device=auto|cpu|cuda`, `image_root=DIR`
 (JSONL image paths are relative to it; default: the JSONL's folder), `box_format=xyxy|xywh` (of optional
 `bbox` fields in the JSONL, to report IoU), `on_error=fail|skip` (a query whose image cannot be read or
 whose phrase is empty: stop naming it, or write its line with an `error` field and go on),
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import box_iou
 
 from src.backbone_pretraining import apply_backbone_pretraining
@@ -173,21 +176,78 @@ def to_original(box: torch.Tensor, meta: CanvasMeta, size: tuple[int, int], imag
     return clip_to_image(meta.to_image_box((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)), size)
 
 
+PREDICTED, GIVEN, LABEL_BACKGROUND = (230, 0, 0), (0, 200, 0), (255, 255, 255)
+
+
+def label_font(size: tuple[int, int]) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's bundled font at a size that reads at the picture's scale (11 px up to ~500 px pictures)."""
+    return ImageFont.load_default(size=max(11, round(max(size) / 45)))
+
+
+def wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: float) -> str:
+    """`text` broken into lines no wider than `width` px, between words (a longer word is cut where it must be);
+    as it is when it fits."""
+    if font.getlength(text) <= width:
+        return text
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if font.getlength(candidate) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        while len(word) > 1 and font.getlength(word) > width:
+            cut = next((n for n in range(len(word) - 1, 0, -1) if font.getlength(word[:n]) <= width), 1)
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    return "\n".join([*lines, line] if line else lines)
+
+
+def label_origin(
+    label: tuple[float, float], box: Sequence[float], size: tuple[int, int], margin: int
+) -> tuple[int, int]:
+    """Top-left corner of a `label` (width, height) for a box: above its top-left corner, moved left (and down,
+    into the box, when there is no room above) as far as needed to stay `margin` px inside the picture."""
+    (w, h), (width, height) = label, size
+    x = min(max(box[0], margin), width - margin - w)
+    y = box[1] - h - 1
+    if y < margin:
+        y = min(box[1] + 1, height - margin - h)
+    return round(max(x, 0)), round(max(y, 0))
+
+
 def draw(prediction: Prediction, path: Path, exif_transpose: bool = True) -> Path:
-    """The original image with the predicted box (red), the given box (green) and the phrase."""
+    """The original image with the predicted box (red), the given box (green) and the phrase (with the IoU when
+    known) on a white label that stays inside the picture: shifted left or down from the box's corner as
+    needed, and wrapped when wider than the picture."""
     image = load_image(prediction.query.image, "drawing", exif_transpose)
     pen = ImageDraw.Draw(image)
     width = max(2, round(max(image.size) / 200))
     if prediction.query.box is not None:
-        pen.rectangle(prediction.query.box, outline=(0, 200, 0), width=width)
-    pen.rectangle(prediction.box, outline=(230, 0, 0), width=width)
+        pen.rectangle(prediction.query.box, outline=GIVEN, width=width)
+    pen.rectangle(prediction.box, outline=PREDICTED, width=width)
     caption = prediction.query.phrase + (f"  (IoU {prediction.iou:.2f})" if prediction.iou is not None else "")
-    x, y = prediction.box[0], max(prediction.box[1] - 14, 0)
-    pen.rectangle(pen.textbbox((x, y), caption), fill=(255, 255, 255))
-    pen.text((x, y), caption, fill=(230, 0, 0))
+    font, pad, margin = label_font(image.size), 2, 1
+    text = wrap(caption, font, image.size[0] - 2 * (pad + margin))
+    _, _, right, bottom = pen.multiline_textbbox((0, 0), text, font=font)
+    x, y = label_origin((right + 2 * pad, bottom + 2 * pad), prediction.box, image.size, margin)
+    pen.rectangle((x, y, x + right + 2 * pad - 1, y + bottom + 2 * pad - 1), fill=LABEL_BACKGROUND)
+    pen.multiline_text((x + pad, y + pad), text, fill=PREDICTED, font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def picture_path(image: Path, out: str | None) -> Path:
+    """Where one picture's drawing goes: `out=`, else `<image stem>.prediction.png` in the current folder."""
+    return Path(out) if out else Path(f"{image.stem}.prediction.png")
+
+
+def drawings_folder(output: Path, draw_dir: str | None) -> Path:
+    """Where the drawings of `inputs=` go: `draw_dir=`, else `<output stem>_drawn/` beside the output JSONL."""
+    return Path(draw_dir) if draw_dir else output.with_name(f"{output.stem}_drawn")
 
 
 def read_queries(path: Path, image_root: Path | None, box_format: str) -> list[Query]:
@@ -226,8 +286,8 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
         if not sep or not key:
             raise SystemExit(f"arguments are key=value, got {arg!r}\n\n{__doc__}")
         args[key] = value
-    known = {"ckpt", "image", "text", "out", "inputs", "output", "batch_size", "device", "draw", "image_root",
-             "box_format", "on_error", "exif"}
+    known = {"ckpt", "image", "text", "out", "inputs", "output", "batch_size", "device", "draw", "draw_dir",
+             "image_root", "box_format", "on_error", "exif"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise SystemExit(f"unknown arguments {unknown}; known: {sorted(known)}")
@@ -237,6 +297,8 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     logging.basicConfig(level=logging.WARNING)
+    for stage in ("src.pretrain_vision", "src.pretrain_text"):  # minutes when the pretraining cache is missing
+        logging.getLogger(stage).setLevel(logging.INFO)  # their progress lines go to stderr; stdout keeps the boxes
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if "ckpt" not in args or not (("image" in args and "text" in args) or "inputs" in args):
         raise SystemExit(__doc__)
@@ -251,19 +313,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         queries = read_queries(Path(args["inputs"]), root, box_format)
         output = Path(args.get("output", Path(args["inputs"]).with_suffix(".predictions.jsonl")))
         output.parent.mkdir(parents=True, exist_ok=True)
+        folder = drawings_folder(output, args.get("draw_dir"))
         skipped = 0
         with output.open("w") as f:
-            done = 0
+            line = 0
             for chunk in batches(queries, int(args.get("batch_size", 16))):
                 for p in predictor.predict(chunk):
+                    line += 1
                     row = p.as_json()
                     skipped += p.box is None
-                    if do_draw and p.box is not None:  # one picture per query, numbered by its place
-                        png = output.parent / f"{output.stem}_{done:05d}_{p.query.image.stem}.png"
-                        row["png"] = str(draw(p, png, exif))
+                    if do_draw and p.box is not None:  # named after the image and the query's line in `output`
+                        row["png"] = str(draw(p, folder / f"{p.query.image.stem}_{line}.png", exif))
                     f.write(json.dumps(row) + "\n")
-                    done += 1
-        print(f"{len(queries) - skipped} predictions written to {output}")
+        print(f"{len(queries) - skipped} predictions written to {output}"
+              + (f", drawings in {folder}" if do_draw and len(queries) > skipped else ""))
         if skipped:
             print(f"{skipped} queries skipped (on_error=skip): their lines carry the error", file=sys.stderr)
         return 0
@@ -277,8 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     x1, y1, x2, y2 = prediction.box
     print(f"{x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}")
     if do_draw:
-        out = Path(args.get("out", f"{query.image.stem}.prediction.png"))
-        print(f"drawn on {draw(prediction, out, exif)}", file=sys.stderr)
+        print(f"drawn on {draw(prediction, picture_path(query.image, args.get('out')), exif)}", file=sys.stderr)
     return 0
 
 

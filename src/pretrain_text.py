@@ -34,6 +34,7 @@ from src.models.encoders import (
     build_bert,
     build_clip_text,
 )
+from src.progress import Progress
 from src.schedules import one_cycle
 from src.weights_cache import cached_state_dict
 
@@ -112,7 +113,7 @@ def ensure_pretrained_text(
         module, features = build()
         phrases, vocab, labels = phrase_labels(corpus)
         ids, mask = tokenizer(phrases, max_len)
-        loss = train_tokens(module, features, ids, mask, labels, [len(v) for v in vocab.values()], settings)
+        loss = train_tokens(module, features, ids, mask, labels, [len(v) for v in vocab.values()], settings, tower)
         log.info("%s pretraining: %d steps in %.1f s, final loss %.3f", tower, settings.steps,
                  time.perf_counter() - start, loss)
         return module.state_dict()
@@ -122,11 +123,13 @@ def ensure_pretrained_text(
 
 def train_tokens(
     module: nn.Module, features: TowerFn, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-    classes: Sequence[int], settings: TextPretraining,
+    classes: Sequence[int], settings: TextPretraining, what: str = "text",
 ) -> float:
     """Train `module` so that every real token predicts every field of its phrase; returns the last loss.
 
-    The linear head is discarded afterwards. Padding tokens carry no loss.
+    The linear head is discarded afterwards. Padding tokens carry no loss. Logs a progress line (`<what>
+    pretraining: step, loss, speed, time left`) about every 10 s, reading the loss only then (no host sync on
+    the other steps).
     """
     probe = features(ids[:1], mask[:1])
     head = nn.Linear(probe.shape[-1], sum(classes))
@@ -138,7 +141,8 @@ def train_tokens(
     generator = torch.Generator().manual_seed(settings.seed)
     module.train()
     loss = torch.zeros(())
-    for _ in range(settings.steps):
+    progress = Progress(f"{what} pretraining", settings.steps, log.info)
+    for step in range(1, settings.steps + 1):
         idx = torch.randint(0, len(ids), (settings.batch_size,), generator=generator)
         logits = head(features(ids[idx], mask[idx]))[mask[idx].bool()]  # (real tokens, sum(classes))
         token_labels = labels[idx][:, None].expand(-1, ids.shape[1], -1)[mask[idx].bool()]
@@ -148,5 +152,7 @@ def train_tokens(
         loss.backward()
         optimizer.step()
         schedule.step()
+        if progress.due(step):
+            progress.line(step, loss=float(loss.detach()))
     module.eval()
     return float(loss.detach())

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from src.data.synthetic import COLOURS, SHAPES, record_attributes, split_path
 from src.data.transforms import EvalTransform
 from src.models.encoders import VisionSettings, build_vit
+from src.progress import Progress
 from src.schedules import one_cycle
 from src.weights_cache import cached_state_dict
 
@@ -112,7 +113,9 @@ def patch_targets(root: Path, vit: nn.Module, image_size: int) -> tuple[torch.Te
 def train_dense(
     vit: nn.Module, images: torch.Tensor, targets: dict[str, torch.Tensor], settings: VisionPretraining
 ) -> dict[str, float]:
-    """Train the whole ViT with a linear per-patch head (discarded afterwards); returns the last losses."""
+    """Train the whole ViT with a linear per-patch head (discarded afterwards); returns the last losses.
+
+    Logs a progress line (step, losses, speed, time left) about every 10 s."""
     n_colour, n_shape = 1 + len(COLOURS), 1 + len(SHAPES)
     head = nn.Linear(vit.embed_dim, n_colour + n_shape + 4)
     params = [*vit.parameters(), *head.parameters()]
@@ -122,7 +125,8 @@ def train_dense(
     prefix = vit.num_prefix_tokens
     vit.train()
     losses: dict[str, float] = {}
-    for _ in range(settings.steps):
+    progress = Progress("vision pretraining", settings.steps, log.info)
+    for step in range(1, settings.steps + 1):
         idx = torch.randint(0, len(images), (settings.batch_size,), generator=generator)
         out = head(vit.forward_features(images[idx])[:, prefix:])
         has = targets["has_box"][idx]
@@ -137,5 +141,6 @@ def train_dense(
         optimizer.step()
         schedule.step()
         losses = {k: v.item() for k, v in parts.items()}
+        progress.update(step, **losses)
     vit.eval()
     return losses

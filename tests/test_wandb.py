@@ -1,5 +1,5 @@
 """W&B offline: a tiny run's own run file holds the losses, learning rates, metrics, parameter report and
-config, and every validation logs a table of predictions."""
+config, and every validation logs a table of predictions and its pictures, which the run folder holds."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import wandb
+from PIL import Image
 from wandb.proto import wandb_internal_pb2 as pb
 
 from src.config import compose
@@ -46,13 +47,20 @@ def test_offline_run_holds_metrics_config_and_prediction_tables(tmp_path: Path, 
                  "shuffled_text_check=false", "logger=wandb", "callbacks.wandb_predictions.max_samples=5"]))
     assert wandb.run is None  # finished: a sweep's next job in this process gets a run of its own
     [run_dir] = (tmp_path / "run" / "wandb").glob("offline-run-*")
-    history, config = set(), set()
+    history, config, pictures, captions, table_files = set(), set(), [], [], set()
     for record in run_records(next(run_dir.glob("run-*.wandb"))):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+            for item in record.history.item:
+                if list(item.nested_key) == ["val/prediction_images", "filenames"]:
+                    pictures += json.loads(item.value_json)
+                elif list(item.nested_key) == ["val/prediction_images", "captions"]:
+                    captions += json.loads(item.value_json)
         elif kind == "config":
             config |= {item.key for item in record.config.update}
+        elif kind == "artifact" and record.artifact.type == "run_table":  # the table W&B shows, images and all
+            table_files |= {entry.path for entry in record.artifact.manifest.contents}
     for key in ("train/loss", "train/l1", "train/giou", "lr-AdamW/head", "val/loss", "val/acc50", "val/miou",
                 "test/test/acc50", "test/test/miou", "test/test/n", "val/predictions/nrows"):
         assert key in history, key
@@ -65,3 +73,13 @@ def test_offline_run_holds_metrics_config_and_prediction_tables(tmp_path: Path, 
     assert len(table["data"]) == 5
     for _, phrase, iou, hit, image_file in table["data"]:
         assert phrase and image_file.endswith(".png") and 0.0 <= iou <= 1.0 and hit == (iou >= 0.5)
+    assert {row[0] for row in table["data"]} == {"Image"}  # W&B's own table file has no pictures: hence the list
+    assert sum(path.startswith("media/images/") for path in table_files) == 2 * 5
+
+    # the canvases of both validations are in the run folder: 224 px PNGs with both boxes drawn
+    assert len(pictures) == 2 * 5 and captions[-5:] == [f"{p} (IoU {iou:.2f})" for _, p, iou, *_ in table["data"]]
+    for name in pictures:
+        with Image.open(run_dir / "files" / name) as picture:
+            assert picture.format == "PNG" and picture.size == (224, 224)
+            colours = {colour for _, colour in picture.convert("RGB").getcolors(224 * 224)}
+        assert {(0, 200, 0), (230, 0, 0)} <= colours, name  # ground truth green, prediction red

@@ -38,6 +38,7 @@ from src.data.readers import (
 )
 from src.data.records import Record
 from src.errors import UserError
+from src.progress import Progress
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DOCTOR_OPTIONS = ("output", "max_open", "splits", "split_file", "dataset", "box_format")
@@ -107,9 +108,9 @@ def _decode(dataset: RecordDataset, index: int) -> tuple[int, int] | BadRecordEr
         return err
 
 
-def check_images(dataset: RecordDataset, max_open: int) -> ImageCheck:
+def check_images(dataset: RecordDataset, max_open: int, what: str = "images") -> ImageCheck:
     """Read each distinct image once, as the run does: the missing ones and the first max_open present ones
-    (negative = all), in DECODE_THREADS threads."""
+    (negative = all), in DECODE_THREADS threads; a progress line on stderr about every 10 s, named `what`."""
     first_use: dict[str, int] = {}
     for i, record in enumerate(dataset.records):
         first_use.setdefault(record.image, i)
@@ -118,8 +119,12 @@ def check_images(dataset: RecordDataset, max_open: int) -> ImageCheck:
     present = [name for name in first_use if name not in missing_set]
     to_open = present if max_open < 0 else present[:max_open]
     names = to_open + missing
+    progress = Progress(what, len(names), lambda line: print(line, file=sys.stderr, flush=True), unit="images")
+    found: dict[str, tuple[int, int] | BadRecordError] = {}
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
-        found = dict(zip(names, pool.map(lambda name: _decode(dataset, first_use[name]), names), strict=True))
+        for name, result in zip(names, pool.map(lambda name: _decode(dataset, first_use[name]), names), strict=True):
+            found[name] = result
+            progress.update(len(found))
     sizes = {name: size for name, size in found.items() if not isinstance(size, BadRecordError)}
     errors = {name: err for name, err in found.items() if isinstance(err, BadRecordError)}
     unreadable = [name for name in to_open if name in errors]
@@ -259,7 +264,7 @@ def check_split(dm: Any, split: str, max_open: int, bert: Any) -> SplitReport:
             report.unusable(str(err))
     dataset = dm.record_dataset(split, train)
     report.images = len({r.image for r in usable})
-    images = check_images(dataset, max_open)
+    images = check_images(dataset, max_open, f"data doctor: {split}")
     check_image_report(report, dm.image_root, images)
     check_boxes(report, records, dataset, images)
     return report

@@ -307,7 +307,7 @@ class GroundingDataModule(L.LightningDataModule):
         dataset = self.record_dataset(split, train, phrase_permutation_seed)
         if self.cache_samples and not (train and self.augment.enabled) and self.fits_in_cache(split, dataset):
             log.info("caching the %d samples of %s in memory", len(dataset), split)
-            return CachedSamples(dataset)
+            return CachedSamples(dataset, what=f"caching {split}")
         return dataset
 
     def fits_in_cache(self, split: str, dataset: Dataset) -> bool:

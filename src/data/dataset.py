@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from src.data.problems import BadRecordError, check_policy
 from src.data.records import Record
 from src.data.tokenizers import Tokenizer
 from src.data.transforms import Transformed
+from src.progress import Progress
+
+log = logging.getLogger(__name__)
 
 TransformFn = Callable[[Image.Image, Sequence[float], str], Transformed]
 Box = tuple[float, float, float, float]
@@ -174,11 +178,18 @@ class CachedSamples(Dataset):
     frozen layers computed from them (`model.vision_prefix_cache`).
     """
 
-    def __init__(self, dataset: Dataset | None = None, samples: list[dict[str, Any]] | None = None) -> None:
-        """Compute every sample of `dataset` now (or take already computed `samples`)."""
+    def __init__(
+        self, dataset: Dataset | None = None, samples: list[dict[str, Any]] | None = None, what: str = "caching samples"
+    ) -> None:
+        """Compute every sample of `dataset` now, logging progress about every 10 s as `what` (or take already
+        computed `samples`)."""
         if samples is None:
-            samples = [dataset[i] for i in range(len(dataset))]
-            samples = [s | {"image_key": image_digest(s["image"])} if "image" in s else s for s in samples]
+            progress = Progress(what, len(dataset), log.info, unit="samples")
+            samples = []
+            for i in range(len(dataset)):
+                sample = dataset[i]
+                samples.append(sample | {"image_key": image_digest(sample["image"])} if "image" in sample else sample)
+                progress.update(i + 1)
         self.samples = samples
 
     def with_phrases_from(self, source: Sequence[int]) -> CachedSamples | None:
