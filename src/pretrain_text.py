@@ -137,7 +137,7 @@ def train_tokens(
     optimizer = torch.optim.AdamW(
         [*module.parameters(), *head.parameters()], lr=settings.lr, weight_decay=1e-4, fused=True
     )
-    schedule = one_cycle(optimizer, settings.lr, settings.steps, "text_pretraining.steps")
+    schedule = one_cycle(optimizer, settings.lr, settings.steps)
     generator = torch.Generator().manual_seed(settings.seed)
     module.train()
     loss = torch.zeros(())

@@ -120,7 +120,7 @@ def train_dense(
     head = nn.Linear(vit.embed_dim, n_colour + n_shape + 4)
     params = [*vit.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-4)
-    schedule = one_cycle(optimizer, settings.lr, settings.steps, "vision_pretraining.steps")
+    schedule = one_cycle(optimizer, settings.lr, settings.steps)
     generator = torch.Generator().manual_seed(settings.seed)
     prefix = vit.num_prefix_tokens
     vit.train()
