@@ -25,6 +25,7 @@ import math
 import pickle
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +159,25 @@ def load_checkpoint_file(path: str | Path) -> Any:
         raise CheckpointFileError(f"{path}: not a readable checkpoint ({' '.join(str(err).split())})") from None
 
 
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """What a suite checkpoint holds besides the optimiser: the grounder's state, the resolved config, the
+    frozen fingerprint and the config-group choices (empty for files written before they were recorded)."""
+
+    state: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    fingerprint: dict[str, Any]
+    choices: dict[str, str]
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(grounder state, resolved config, frozen fingerprint) from a suite `.ckpt` or `.safetensors` file.
+    """(grounder state, resolved config, frozen fingerprint) from a suite `.ckpt` or `.safetensors` file."""
+    stored = read_stored(path)
+    return stored.state, stored.config, stored.fingerprint
+
+
+def read_stored(path: str | Path) -> StoredCheckpoint:
+    """Everything `StoredCheckpoint` names from a suite `.ckpt` or `.safetensors` file, read once.
 
     `.ckpt` files are read with `weights_only=True`: no code in them runs.
     """
@@ -174,49 +192,45 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     config, prints = raw.get("config") or {}, raw.get("frozen_fingerprint") or {}
     if not isinstance(config, Mapping) or not isinstance(prints, Mapping):
         raise CheckpointFileError(f"{path}: its `config` and `frozen_fingerprint` entries must be dicts")
-    return strip_prefix(raw["state_dict"]), dict(config), dict(prints)
+    choices = plain_choices(raw.get("choices"))
+    return StoredCheckpoint(strip_prefix(raw["state_dict"]), dict(config), dict(prints), choices)
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """`read_checkpoint` for a `.safetensors` file: tensors, and the config and fingerprint as JSON metadata."""
+def read_safetensors(path: Path) -> StoredCheckpoint:
+    """`read_stored` for a `.safetensors` file: tensors, and the config, fingerprint and choices as JSON metadata."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
         config, prints = json.loads(meta.get("config", "{}")), json.loads(meta.get("frozen_fingerprint", "{}"))
+        choices = json.loads(meta.get("choices", "{}"))
     except (SafetensorError, OSError, json.JSONDecodeError) as err:
         raise CheckpointFileError(f"{path}: not a readable safetensors checkpoint ({err})") from None
     if not isinstance(config, dict) or not isinstance(prints, dict):
         raise CheckpointFileError(f"{path}: its `config` and `frozen_fingerprint` metadata must be JSON objects")
-    return state, config, prints
+    return StoredCheckpoint(state, config, prints, plain_choices(choices))
 
 
-def read_choices(path: str | Path) -> dict[str, str]:
-    """The config-group choices a checkpoint records (empty for files written before they were recorded)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            choices = json.loads((f.metadata() or {}).get("choices", "{}"))
-    else:
-        choices = load_checkpoint_file(path).get("choices") or {}
+def plain_choices(choices: Any) -> dict[str, str]:
+    """Stored config-group choices as strings (empty when absent or not a mapping)."""
     return {str(k): str(v) for k, v in choices.items()} if isinstance(choices, Mapping) else {}
 
 
 def export_safetensors(src: str | Path, out: str | Path) -> Path:
     """Write a suite checkpoint's weights as safetensors, with its config and fingerprint as metadata."""
-    state, config, prints = read_checkpoint(src)
+    stored = read_stored(src)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": CHECKPOINT_FORMAT, "config": json.dumps(config), "choices": json.dumps(read_choices(src)),
-            "frozen_fingerprint": json.dumps(prints)}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=meta)
+    meta = {"format": CHECKPOINT_FORMAT, "config": json.dumps(stored.config), "choices": json.dumps(stored.choices),
+            "frozen_fingerprint": json.dumps(stored.fingerprint)}
+    save_file({k: v.contiguous() for k, v in stored.state.items()}, str(out), metadata=meta)
     return out
 
 
 def describe(path: str | Path) -> dict[str, Any]:
     """Tensor count, parameter count and bytes of a checkpoint's weights, and what it was trained as."""
-    state, config, prints = read_checkpoint(path)
-    choices = read_choices(path)
+    stored = read_stored(path)
+    state, config, prints, choices = stored.state, stored.config, stored.fingerprint, stored.choices
     return {
         "file": str(path),
         "file_bytes": Path(path).stat().st_size,

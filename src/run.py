@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from src.backbone_pretraining import apply_backbone_pretraining
-from src.checkpoints import load_checkpoint_file, load_into, read_checkpoint, read_choices
+from src.checkpoints import load_checkpoint_file, load_into, read_stored
 from src.errors import ConfigError, as_user_error, reported_errors
 from src.lit import GroundingModule, OverflowGuard
 from src.loggers import finish_wandb
@@ -248,14 +248,14 @@ def train_and_test(cfg: DictConfig, progress: RunProgress) -> float | None:
     out_dir.mkdir(parents=True, exist_ok=True)
     evaluate_only = bool(cfg.get("ckpt_path")) and not cfg.train
     if evaluate_only:  # the checkpoint decides the model; its frozen backbones are rebuilt below
-        stored_state, stored_config, stored_prints = read_checkpoint(cfg.ckpt_path)
-        adopt_checkpoint_model(cfg, stored_config, str(cfg.ckpt_path))
+        stored = read_stored(cfg.ckpt_path)
+        adopt_checkpoint_model(cfg, stored.config, str(cfg.ckpt_path))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     apply_backbone_pretraining(cfg, datamodule)
     module = build_seeded_module(cfg)
     if evaluate_only:
-        load_into(module.model, stored_state, stored_prints, str(cfg.ckpt_path))
+        load_into(module.model, stored.state, stored.fingerprint, str(cfg.ckpt_path))
     params = progress.params = parameter_report(module.model)
     log.info(format_report(params))
     trainer = progress.trainer = build_trainer(cfg, module)
@@ -305,9 +305,10 @@ def train_and_test(cfg: DictConfig, progress: RunProgress) -> float | None:
         "parameters": params,
         "config": config,
     })
-    evaluated = {"checkpoint_config": stored_config, "weights": weights_digest(stored_state)} if evaluate_only else {}
+    evaluated = {"checkpoint_config": stored.config, "weights": weights_digest(stored.state)} if evaluate_only else {}
     row = result_row(
-        config, choices=run_choices(cfg), params=params, splits=splits, shuffled=shuffled, best_val=best_score,
+        config, choices=run_choices(cfg, stored.choices if evaluate_only else None), params=params, splits=splits,
+        shuffled=shuffled, best_val=best_score,
         checkpoint=best_ckpt or cfg.get("ckpt_path"), wall_seconds=wall, output_dir=out_dir,
         processes=trainer.world_size, **evaluated,
     )
@@ -316,13 +317,15 @@ def train_and_test(cfg: DictConfig, progress: RunProgress) -> float | None:
     return best_score
 
 
-def run_choices(cfg: DictConfig) -> dict[str, str]:
+def run_choices(cfg: DictConfig, checkpoint_choices: dict[str, str] | None = None) -> dict[str, str]:
     """The config-group choices for the results line: an evaluation's model and method are its checkpoint's
-    (the ones it records; none for files written before they were recorded), not the command line's."""
+    (the ones it records, `checkpoint_choices` when already read; none for files written before they were
+    recorded), not the command line's."""
     choices = hydra_choices()
     if cfg.get("ckpt_path") and not cfg.train:
+        recorded = checkpoint_choices if checkpoint_choices is not None else read_stored(cfg.ckpt_path).choices
         choices = {k: v for k, v in choices.items() if k not in ("model", "peft")}
-        choices |= {k: v for k, v in read_choices(cfg.ckpt_path).items() if k in ("model", "peft")}
+        choices |= {k: v for k, v in recorded.items() if k in ("model", "peft")}
     return choices
 
 
