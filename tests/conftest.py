@@ -13,12 +13,17 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
-# Tests leave no trace in the checkout: run folders (outputs/, multirun/) and caches (the synthetic
-# benchmark, pretraining stages) go to a temporary folder, removed when the session ends.
-_SCRATCH = tempfile.mkdtemp(prefix="rec-tests-")
-atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
-os.environ.setdefault("REC_RUNS_ROOT", os.path.join(_SCRATCH, "runs"))
-os.environ.setdefault("REC_CACHE_DIR", os.path.join(_SCRATCH, "cache"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests leave no trace in the checkout: run folders (outputs/, multirun/) and caches (the synthetic
+    benchmark, pretraining stages) go to one temporary folder per session, removed when it ends.
+    Made here, not at import, so modules importing `tests.conftest` for its constants make no folder."""
+    scratch = tempfile.mkdtemp(prefix="rec-tests-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    os.environ.setdefault("REC_RUNS_ROOT", os.path.join(scratch, "runs"))
+    os.environ.setdefault("REC_CACHE_DIR", os.path.join(scratch, "cache"))
+
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT_ROOT.parent / "shared"
