@@ -106,6 +106,7 @@ class GroundingModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         scheduler_interval: str = "epoch",
         group_lr: dict[str, float] | None = None,
+        full_backbone_lr: float | None = None,
         loss: GroundingLoss | None = None,
         config: dict[str, Any] | None = None,
         eval_fp32: bool = False,
@@ -127,6 +128,9 @@ class GroundingModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.group_lr = dict(group_lr or {})
+        # The backbones' own pretrained weights train at their own LR when a method unfreezes them (peft=full):
+        # at the LR of new adapter modules they are pushed far from what pretraining gave them.
+        self.full_backbone_lr = full_backbone_lr
         self.val_metric = GroundingAccuracy()
         # sample-weighted, summed over processes: exact under DDP's unequal per-process shares
         self.val_loss = MeanMetric()
@@ -289,13 +293,22 @@ class GroundingModule(L.LightningModule):
             return {"optimizer": optimizer}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
 
+    def group_learning_rates(self) -> dict[str, float]:
+        """The LR of each optimiser group that does not train at the optimiser's own: `group_lr`, and for a
+        method that trains the backbones' own weights (full fine-tuning) `full_backbone_lr` for both backbones."""
+        rates = dict(self.group_lr)
+        if not self.model.backbones_frozen and self.full_backbone_lr is not None:
+            rates |= {"vision": self.full_backbone_lr, "text": self.full_backbone_lr}
+        return rates
+
     def build_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, Any | None]:
-        """The optimiser over the trainable groups (per-group LRs from `group_lr`) and its scheduler.
+        """The optimiser over the trainable groups (per-group LRs from `group_learning_rates`) and its scheduler.
 
         A scheduler factory that takes `total_steps` is given the run's number of optimiser steps.
         """
+        rates = self.group_learning_rates()
         groups = [
-            {"params": params, "name": role, **({"lr": self.group_lr[role]} if role in self.group_lr else {})}
+            {"params": params, "name": role, **({"lr": rates[role]} if role in rates else {})}
             for role, params in self.model.optimizer_groups().items()
             if params
         ]

@@ -57,6 +57,7 @@ def build_module(cfg: DictConfig) -> GroundingModule:
         scheduler=instantiate(optim.scheduler) if optim.get("scheduler") else None,
         scheduler_interval=optim.get("scheduler_interval", "epoch"),
         group_lr=dict(optim.get("group_lr") or {}),
+        full_backbone_lr=optim.get("full_backbone_lr"),
         loss=instantiate(cfg.loss) if cfg.get("loss") else None,
         config=resolved(cfg),
         eval_fp32=bool(cfg.get("eval_fp32", False)),
