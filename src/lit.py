@@ -29,7 +29,7 @@ from src.checkpoints import (
 from src.data.problems import SkippedRecords
 from src.errors import UserError
 from src.losses import GroundingLoss
-from src.metrics import GroundingAccuracy, split_metric_key
+from src.metrics import GroundingAccuracy, SampleIoU, split_metric_key
 from src.models.grounder import Grounder, GrounderOutput
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,9 @@ class GroundingModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.test_split_names: list[str] = ["test"]
         self.test_metrics = nn.ModuleList()
+        self.test_sample_metrics = nn.ModuleList()
+        # The latest test loop's per-sample outcomes by split name: (sample indices, IoUs), in index order.
+        self.test_samples: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.skipped = SkippedRecords()  # records left out of their batch under data.bad_records=skip
         self.eval_fp32 = eval_fp32  # validation and test without autocast (the official evaluation is fp32)
         self.overflow_guard = overflow_guard or OverflowGuard()
@@ -255,11 +258,16 @@ class GroundingModule(L.LightningModule):
 
     def on_test_start(self) -> None:
         self.test_metrics = nn.ModuleList(GroundingAccuracy() for _ in self.test_split_names).to(self.device)
+        self.test_sample_metrics = nn.ModuleList(SampleIoU() for _ in self.test_split_names).to(self.device)
+        self.test_samples = {}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self._has_samples(f"test/{self.test_split_names[dataloader_idx]}", batch):
             return
-        self.test_metrics[dataloader_idx].update(self.evaluate(batch), batch["box"])
+        pred = self.evaluate(batch)
+        self.test_metrics[dataloader_idx].update(pred, batch["box"])
+        if "index" in batch:  # the suite's datasets give each sample's index; batches made by hand may not
+            self.test_sample_metrics[dataloader_idx].update(pred, batch["box"], batch["index"])
 
     def on_test_epoch_end(self) -> None:
         for name, metric in zip(self.test_split_names, self.test_metrics, strict=True):
@@ -268,6 +276,10 @@ class GroundingModule(L.LightningModule):
             self.log(split_metric_key(name, "miou"), scores["miou"], add_dataloader_idx=False)
             self.log(split_metric_key(name, "n"), scores["n"].float(), add_dataloader_idx=False)
             metric.reset()
+        for name, samples in zip(self.test_split_names, self.test_sample_metrics, strict=True):
+            index, iou = samples.compute()  # gathered from every process
+            self.test_samples[name] = (index.cpu().numpy(), iou.float().cpu().numpy())
+            samples.reset()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only what trains (plus its BatchNorm buffers), the run config and the frozen fingerprint."""

@@ -208,9 +208,11 @@ def result_row(
     splits: Mapping[str, Mapping[str, float]], shuffled: Mapping[str, Mapping[str, float]],
     best_val: float | None, checkpoint: str | None, wall_seconds: float, output_dir: Path,
     processes: int | None = None, checkpoint_config: Mapping[str, Any] | None = None, weights: str | None = None,
+    sample_hits: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One run's line of the results table; `processes`: how many (DDP) processes ran it; for an evaluation,
-    `checkpoint_config` is the config its checkpoint carries and `weights` the digest of its tensors."""
+    `checkpoint_config` is the config its checkpoint carries and `weights` the digest of its tensors;
+    `sample_hits`: each test split's per-sample Acc@0.5 outcomes (`src.samples.hit_record`)."""
     peft = {k: v for k, v in (config.get("peft") or {}).items() if not k.startswith("_")}
     ckpt = Path(checkpoint) if checkpoint else None
     recipe = run_recipe(config, checkpoint_config)
@@ -233,6 +235,7 @@ def result_row(
         "checkpoint_bytes": ckpt.stat().st_size if ckpt and ckpt.is_file() else None,
         "splits": {k: dict(v) for k, v in splits.items()},
         "shuffled_text": {k: v["acc50"] for k, v in shuffled.items()},
+        "sample_hits": dict(sample_hits or {}),
         "best_val_acc50": best_val,
         "best_epoch": best_epoch(checkpoint),
         "wall_seconds": wall_seconds,

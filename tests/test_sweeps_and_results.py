@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,6 +18,7 @@ from src import results
 from src.config import CONFIG_DIR, compose
 from src.errors import ConfigError
 from src.run import resolved, run, run_choices
+from src.samples import SAMPLES_FILE, read_hits, read_samples
 from tests.conftest import PROJECT_ROOT
 from tests.test_default_job import TINY_JOB
 
@@ -268,6 +270,16 @@ def test_fast_dev_run_debug_mode_runs_end_to_end(tmp_path: Path):
     assert written["splits"]["test"]["n"] > 0
     written_line = json.loads((tmp_path / "run" / results.RESULTS_NAME).read_text())
     assert written_line["kind"] == "debug" and written_line["recipe_settings"]["trainer.fast_dev_run"] is True
+    # the per-sample record: every test sample's outcome in the line, its IoU in the run folder, both agreeing
+    # with the split's figures (fast_dev_run tests one batch: 8 of the split's 12 samples)
+    evaluated, hits = read_hits(written_line["sample_hits"]["test"])
+    n = written["splits"]["test"]["n"]
+    assert (len(evaluated), evaluated.sum(), n) == (12, 8, 8) and "evaluated" in written_line["sample_hits"]["test"]
+    assert hits.sum() / n == pytest.approx(written["splits"]["test"]["acc50"])
+    stored = read_samples(tmp_path / "run" / SAMPLES_FILE)["test"]
+    assert stored.size == len(evaluated) and list(stored.index) == list(np.flatnonzero(evaluated))
+    assert stored.iou.mean() == pytest.approx(written["splits"]["test"]["miou"], abs=1e-6)
+    assert list(stored.iou >= 0.5) == list(hits[evaluated])
 
 
 @pytest.mark.slow
