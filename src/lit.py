@@ -277,6 +277,8 @@ class GroundingModule(L.LightningModule):
             self.log(split_metric_key(name, "n"), scores["n"].float(), add_dataloader_idx=False)
             metric.reset()
         for name, samples in zip(self.test_split_names, self.test_sample_metrics, strict=True):
+            if samples.update_count == 0 and self.trainer.world_size == 1:
+                continue  # batches without sample indices (made by hand): no record
             index, iou = samples.compute()  # gathered from every process
             self.test_samples[name] = (index.cpu().numpy(), iou.float().cpu().numpy())
             samples.reset()

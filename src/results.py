@@ -3,9 +3,11 @@
 Every run appends one line to `results.jsonl` in its sweep folder (multirun) or its run folder: what the
 run is (`kind`: training, evaluation of a checkpoint, debug), its recipe (every setting that decides what
 it computes except the seed, and a fingerprint of them), the experiment, benchmark, PEFT method and its
-settings, parameter counts, checkpoint size, per-split Acc@0.5 and mean IoU, shuffled-text Acc@0.5, best
-epoch, wall time, peak memory, seed and git commit. The CLI finds every `results.jsonl` under the given
-folders and prints one row per kind x recipe, with mean +- std over seeds, as markdown or CSV.
+settings, parameter counts, checkpoint size, per-split Acc@0.5 and mean IoU, every test sample's outcome,
+shuffled-text Acc@0.5, best epoch, wall time, peak memory, seed and git commit. The CLI finds every
+`results.jsonl` under the given folders and prints one row per kind x recipe, with mean +- std over seeds,
+as markdown or CSV, then the groups' 95% intervals and paired differences (`src.statistics`);
+`--rank-figure` draws the rank figure (`src.figures`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Two methods, chosen per figure by what the runs recorded:
 
 One seed (one pair) gives no interval. The random draws are deterministic: the test samples' draws are seeded by
 the test set (benchmark, split, size), the seeds' by the groups compared, so adding rows to a table changes no
-other row's interval.
+other row's interval (unless the new runs left out samples the others evaluated: those leave the bootstrap).
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def _same_but_method(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     ra, rb = a.get("recipe_settings"), b.get("recipe_settings")
     if ra is None or rb is None:
         return ra is None and rb is None and (a["experiment"], a["mode"]) == (b["experiment"], b["mode"])
-    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("peft.")}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("peft.")}
     return strip(ra) == strip(rb)
 
 
@@ -317,8 +317,8 @@ def method_text(replicates: int = REPLICATES) -> str:
     )
 
 
-def _signed(x: float) -> str:
-    return f"{x:+.3f}"
+def _number(x: float, signed: bool) -> str:
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
 
 
 def estimate_cell(value: Estimate | str, signed: bool = False, seeds: int | None = None) -> str:
@@ -326,10 +326,9 @@ def estimate_cell(value: Estimate | str, signed: bool = False, seeds: int | None
     seed count when no interval or fewer pairs than the group's seeds."""
     if isinstance(value, str):
         return value
-    fmt = _signed if signed else (lambda x: f"{x:.3f}")
-    if value.low is None:
-        return f"{fmt(value.value)} ({value.seeds} {'pair' if signed else 'seed'}: no interval)"
-    text = f"{fmt(value.value)} [{fmt(value.low)}, {fmt(value.high)}]"
+    if value.low is None or value.high is None:
+        return f"{_number(value.value, signed)} ({value.seeds} {'pair' if signed else 'seed'}: no interval)"
+    text = f"{_number(value.value, signed)} [{_number(value.low, signed)}, {_number(value.high, signed)}]"
     if signed and value.resolved:
         text += " resolved"
     if signed and seeds is not None and value.seeds < seeds:
@@ -346,14 +345,18 @@ def _methods(row: Row) -> str:
     return "; ".join(f"{k}: {v}" for k, v in used.items())
 
 
+def _identity(row: Row, differing: Sequence[str]) -> list[str]:
+    """The cells that say which group and split a row is: as the results table, with the split."""
+    e = row.entry
+    return [str(e["benchmark"]), row.split, str(e["kind"]), str(e["recipe"]), str(e["method"]),
+            "-" if e.get("rank") is None else str(e["rank"]), *[setting_cell(e, k) for k in differing]]
+
+
 def format_statistics(names: Sequence[str], rows: Sequence[Row], fmt: str = "markdown") -> str:
     """The statistics table as markdown (cells as `estimate_cell`) or CSV (plain numbers: `acc50`, `acc50_low`,
     `acc50_high`, and per reference `vs_<name>`, `_low`, `_high`, `_resolved`, `_pairs`, `_method`)."""
     entries = list({id(r.entry): r.entry for r in rows}.values())
     differing = recipe_differences(entries)
-    ident = lambda r: [str(r.entry["benchmark"]), r.split, str(r.entry["kind"]), str(r.entry["recipe"]),  # noqa: E731
-                       str(r.entry["method"]), "-" if r.entry.get("rank") is None else str(r.entry["rank"]),
-                       *[setting_cell(r.entry, k) for k in differing]]
     header = ["benchmark", "split", "kind", "recipe", "method", "rank", *differing]
     if fmt == "csv":
         buf = io.StringIO()
@@ -362,19 +365,19 @@ def format_statistics(names: Sequence[str], rows: Sequence[Row], fmt: str = "mar
                          *[f"vs_{n}{s}" for n in names for s in ("", "_low", "_high", "_resolved", "_pairs",
                                                                    "_method")]])
         for r in rows:
-            cells = [len(r.entry.get("seeds") or []), r.mean.value, r.mean.low, r.mean.high, r.mean.method]
+            cells = [r.mean.seeds, r.mean.value, r.mean.low, r.mean.high, r.mean.method]
             for n in names:
                 d = r.differences[n]
                 cells += ([d.value, d.low, d.high, d.resolved, d.seeds, d.method] if isinstance(d, Estimate)
                           else [None, None, None, None, None, d])
-            writer.writerow([*ident(r), *["" if c is None else c for c in cells]])
+            writer.writerow([*_identity(r, differing), *["" if c is None else c for c in cells]])
         return buf.getvalue()
     header += ["seeds", "Acc@0.5 [95% interval]", *[f"Δ vs {n} [95% interval]" for n in names], "interval"]
     rule = ["---"] * (len(header) - len(names) - 3) + ["---:"] * (len(names) + 2) + ["---"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
     for r in rows:
         seeds = r.mean.seeds
-        cells = [*ident(r), str(seeds), estimate_cell(r.mean),
+        cells = [*_identity(r, differing), str(seeds), estimate_cell(r.mean),
                  *[estimate_cell(r.differences[n], signed=True, seeds=seeds) for n in names], _methods(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
