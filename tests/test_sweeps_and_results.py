@@ -231,6 +231,9 @@ def test_method_rank_seed_sweep_feeds_the_table_and_the_notebook(tmp_path: Path,
     assert sum(line.startswith("| synthetic | training |") for line in table.splitlines()) == 4
     assert len({r["recipe"] for r in rows}) == 4  # method x rank; the seed is not part of a recipe
     assert "peft.rank" not in table.splitlines()[0]  # the rank column shows it
+    # every run recorded its test samples: the statistics' intervals come from the bootstrap (2 seeds each)
+    assert sum(line.endswith("| bootstrap |") and line.startswith("| synthetic | test | training |")
+               for line in table.splitlines()) == 4
 
     figure = tmp_path / "figure.png"
     outputs = execute_notebook(PROJECT_ROOT / "notebooks", PETL_RESULTS=str(tmp_path / "sweep"),
