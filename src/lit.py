@@ -29,7 +29,7 @@ from src.checkpoints import (
 from src.data.problems import SkippedRecords
 from src.errors import UserError
 from src.losses import GroundingLoss
-from src.metrics import GroundingAccuracy, split_metric_key
+from src.metrics import GroundingAccuracy, SampleIoU, split_metric_key
 from src.models.grounder import Grounder, GrounderOutput
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class GroundingModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         scheduler_interval: str = "epoch",
         group_lr: dict[str, float] | None = None,
+        full_backbone_lr: float | None = None,
         loss: GroundingLoss | None = None,
         config: dict[str, Any] | None = None,
         eval_fp32: bool = False,
@@ -127,11 +128,17 @@ class GroundingModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.group_lr = dict(group_lr or {})
+        # The backbones' own pretrained weights train at their own LR when a method unfreezes them (peft=full):
+        # at the LR of new adapter modules they are pushed far from what pretraining gave them.
+        self.full_backbone_lr = full_backbone_lr
         self.val_metric = GroundingAccuracy()
         # sample-weighted, summed over processes: exact under DDP's unequal per-process shares
         self.val_loss = MeanMetric()
         self.test_split_names: list[str] = ["test"]
         self.test_metrics = nn.ModuleList()
+        self.test_sample_metrics = nn.ModuleList()
+        # The latest test loop's per-sample outcomes by split name: (sample indices, IoUs), in index order.
+        self.test_samples: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.skipped = SkippedRecords()  # records left out of their batch under data.bad_records=skip
         self.eval_fp32 = eval_fp32  # validation and test without autocast (the official evaluation is fp32)
         self.overflow_guard = overflow_guard or OverflowGuard()
@@ -251,11 +258,16 @@ class GroundingModule(L.LightningModule):
 
     def on_test_start(self) -> None:
         self.test_metrics = nn.ModuleList(GroundingAccuracy() for _ in self.test_split_names).to(self.device)
+        self.test_sample_metrics = nn.ModuleList(SampleIoU() for _ in self.test_split_names).to(self.device)
+        self.test_samples = {}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self._has_samples(f"test/{self.test_split_names[dataloader_idx]}", batch):
             return
-        self.test_metrics[dataloader_idx].update(self.evaluate(batch), batch["box"])
+        pred = self.evaluate(batch)
+        self.test_metrics[dataloader_idx].update(pred, batch["box"])
+        if "index" in batch:  # the suite's datasets give each sample's index; batches made by hand may not
+            self.test_sample_metrics[dataloader_idx].update(pred, batch["box"], batch["index"])
 
     def on_test_epoch_end(self) -> None:
         for name, metric in zip(self.test_split_names, self.test_metrics, strict=True):
@@ -264,6 +276,12 @@ class GroundingModule(L.LightningModule):
             self.log(split_metric_key(name, "miou"), scores["miou"], add_dataloader_idx=False)
             self.log(split_metric_key(name, "n"), scores["n"].float(), add_dataloader_idx=False)
             metric.reset()
+        for name, samples in zip(self.test_split_names, self.test_sample_metrics, strict=True):
+            if samples.update_count == 0 and self.trainer.world_size == 1:
+                continue  # batches without sample indices (made by hand): no record
+            index, iou = samples.compute()  # gathered from every process
+            self.test_samples[name] = (index.cpu().numpy(), iou.float().cpu().numpy())
+            samples.reset()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only what trains (plus its BatchNorm buffers), the run config and the frozen fingerprint."""
@@ -289,13 +307,22 @@ class GroundingModule(L.LightningModule):
             return {"optimizer": optimizer}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
 
+    def group_learning_rates(self) -> dict[str, float]:
+        """The LR of each optimiser group that does not train at the optimiser's own: `group_lr`, and for a
+        method that trains the backbones' own weights (full fine-tuning) `full_backbone_lr` for both backbones."""
+        rates = dict(self.group_lr)
+        if not self.model.backbones_frozen and self.full_backbone_lr is not None:
+            rates |= {"vision": self.full_backbone_lr, "text": self.full_backbone_lr}
+        return rates
+
     def build_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, Any | None]:
-        """The optimiser over the trainable groups (per-group LRs from `group_lr`) and its scheduler.
+        """The optimiser over the trainable groups (per-group LRs from `group_learning_rates`) and its scheduler.
 
         A scheduler factory that takes `total_steps` is given the run's number of optimiser steps.
         """
+        rates = self.group_learning_rates()
         groups = [
-            {"params": params, "name": role, **({"lr": self.group_lr[role]} if role in self.group_lr else {})}
+            {"params": params, "name": role, **({"lr": rates[role]} if role in rates else {})}
             for role, params in self.model.optimizer_groups().items()
             if params
         ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 from torchvision.ops import box_convert
 
 
@@ -56,3 +57,31 @@ class GroundingAccuracy(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         n = self.count.clamp(min=1).double()
         return {"acc50": (self.hits / n).float(), "miou": (self.iou_sum / n).float(), "n": self.count.clone()}
+
+
+class SampleIoU(Metric):
+    """Every evaluated sample's IoU with its index in the split, gathered from every process: the per-sample
+    record of a test split (`src.samples`), which paired comparisons of methods resample."""
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        # Both float32: a process that saw no sample contributes an empty tensor of the metric's dtype, which
+        # must match the others' to be gathered (indices stay exact up to 2^24 samples).
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+        self.add_state("iou", default=[], dist_reduce_fx="cat")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, index: torch.Tensor) -> None:
+        """Add a batch of normalised (cx, cy, w, h) predictions and targets, both (N, 4), and the samples' indices."""
+        self.index.append(index.float())
+        self.iou.append(canvas_iou(pred, target))
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The indices (int64) and IoUs of every sample seen, in index order."""
+        if isinstance(self.index, list) and not self.index:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        index, iou = dim_zero_cat(self.index), dim_zero_cat(self.iou)
+        order = index.argsort()
+        return index[order].long(), iou[order]

@@ -3,9 +3,11 @@
 Every run appends one line to `results.jsonl` in its sweep folder (multirun) or its run folder: what the
 run is (`kind`: training, evaluation of a checkpoint, debug), its recipe (every setting that decides what
 it computes except the seed, and a fingerprint of them), the experiment, benchmark, PEFT method and its
-settings, parameter counts, checkpoint size, per-split Acc@0.5 and mean IoU, shuffled-text Acc@0.5, best
-epoch, wall time, peak memory, seed and git commit. The CLI finds every `results.jsonl` under the given
-folders and prints one row per kind x recipe, with mean +- std over seeds, as markdown or CSV.
+settings, parameter counts, checkpoint size, per-split Acc@0.5 and mean IoU, every test sample's outcome,
+shuffled-text Acc@0.5, best epoch, wall time, peak memory, seed and git commit. The CLI finds every
+`results.jsonl` under the given folders and prints one row per kind x recipe, with mean +- std over seeds,
+as markdown or CSV, then the groups' 95% intervals and paired differences (`src.statistics`);
+`--rank-figure` draws the rank figure (`src.figures`).
 """
 
 from __future__ import annotations
@@ -208,9 +210,11 @@ def result_row(
     splits: Mapping[str, Mapping[str, float]], shuffled: Mapping[str, Mapping[str, float]],
     best_val: float | None, checkpoint: str | None, wall_seconds: float, output_dir: Path,
     processes: int | None = None, checkpoint_config: Mapping[str, Any] | None = None, weights: str | None = None,
+    sample_hits: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One run's line of the results table; `processes`: how many (DDP) processes ran it; for an evaluation,
-    `checkpoint_config` is the config its checkpoint carries and `weights` the digest of its tensors."""
+    `checkpoint_config` is the config its checkpoint carries and `weights` the digest of its tensors;
+    `sample_hits`: each test split's per-sample Acc@0.5 outcomes (`src.samples.hit_record`)."""
     peft = {k: v for k, v in (config.get("peft") or {}).items() if not k.startswith("_")}
     ckpt = Path(checkpoint) if checkpoint else None
     recipe = run_recipe(config, checkpoint_config)
@@ -233,6 +237,7 @@ def result_row(
         "checkpoint_bytes": ckpt.stat().st_size if ckpt and ckpt.is_file() else None,
         "splits": {k: dict(v) for k, v in splits.items()},
         "shuffled_text": {k: v["acc50"] for k, v in shuffled.items()},
+        "sample_hits": dict(sample_hits or {}),
         "best_val_acc50": best_val,
         "best_epoch": best_epoch(checkpoint),
         "wall_seconds": wall_seconds,
@@ -391,15 +396,15 @@ ENTRY_KEYS = ("benchmark", "kind", "recipe", "method", "rank", "mode", "experime
 
 def summarise(rows: Sequence[Mapping[str, Any]], include: Iterable[str] = SHOWN_KINDS) -> list[dict[str, Any]]:
     """One entry per group of runs that differ only in their seed (`select_runs` picks the runs): its
-    kind, recipe, method, the mean and `_std` of every number over its runs, its seeds, and its recipe
-    settings (`recipe_settings`, None when unknown) for `recipe_differences`."""
+    kind, recipe, method, the mean and `_std` of every number over its runs, its seeds, its recipe
+    settings (`recipe_settings`, None when unknown) for `recipe_differences`, and its `group` (`flatten`'s key)."""
     runs, _ = select_runs(rows, include)
     if not runs:
         return []
     flats = [flatten(r) for r in runs]
     frame = pd.DataFrame(flats)
     entries = []
-    for _, members in frame.groupby("group", sort=False):
+    for group, members in frame.groupby("group", sort=False):
         first = members.index[0]
         entry: dict[str, Any] = {k: flats[first][k] for k in ENTRY_KEYS}
         entry["runs"] = len(members)
@@ -411,6 +416,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], include: Iterable[str] = SHOWN_
                 entry[col] = float(values.mean())
                 entry[f"{col}_std"] = float(values.std()) if len(values) > 1 else 0.0
         entry["recipe_settings"] = runs[first].get("recipe_settings")
+        entry["group"] = group
         entries.append(entry)
     order = {k: i for i, k in enumerate(KINDS)}
     return sorted(entries, key=lambda e: (str(e["benchmark"]), order.get(e["kind"], len(KINDS)),
@@ -456,7 +462,8 @@ def setting_cell(entry: Mapping[str, Any], key: str) -> str:
     return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
-def _split_names(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+def split_names(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The test splits the entries have Acc@0.5 for, in the order first found."""
     names = []
     for e in entries:
         for k in e:
@@ -469,7 +476,7 @@ def _split_names(entries: Sequence[Mapping[str, Any]]) -> list[str]:
 def table_rows(entries: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells: kind, recipe, method, rank, the recipe settings that differ between the
     rows, tunable params, checkpoint MiB, Acc@0.5 per split as mean +- std, ..."""
-    splits, differing = _split_names(entries), recipe_differences(entries)
+    splits, differing = split_names(entries), recipe_differences(entries)
     header = ["benchmark", "kind", "recipe", "method", "rank", "mode", *differing, "runs", "tunable backbone", "%",
               "checkpoint MiB", *[f"Acc@0.5 {s}" for s in splits], *[f"mIoU {s}" for s in splits],
               *[f"shuffled {s}" for s in splits], "best epoch", "wall s", "peak GiB"]
@@ -499,7 +506,8 @@ def format_table(entries: Sequence[Mapping[str, Any]], fmt: str = "markdown") ->
     the recipe settings that differ between the rows as columns."""
     if fmt == "csv":
         differing = recipe_differences(entries)
-        table = [{k: v for k, v in e.items() if k != "recipe_settings"} | {k: setting_cell(e, k) for k in differing}
+        table = [{k: v for k, v in e.items() if k not in ("recipe_settings", "group")}
+                 | {k: setting_cell(e, k) for k in differing}
                  for e in entries]
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for e in table for k in e)))
@@ -543,10 +551,10 @@ def describe(found: Collected, runs: Sequence[Mapping[str, Any]], left_out: Mapp
     return "\n".join(lines)
 
 
-def load_table(sources: Iterable[str | Path], include: Iterable[str] = SHOWN_KINDS,
-               show_more: str = "--include debug") -> tuple[list[dict[str, Any]], str]:
-    """Read, select and summarise the runs under `sources`: the table's entries and `describe`'s text.
-    Raises NoRunsFound (with that text) when no run is left to show."""
+def load_runs(sources: Iterable[str | Path], include: Iterable[str] = SHOWN_KINDS,
+              show_more: str = "--include debug") -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """Read, select and summarise the runs under `sources`: the runs the table averages, its entries and
+    `describe`'s text. Raises NoRunsFound (with that text) when no run is left to show."""
     include = tuple(include)
     unknown = sorted(set(include) - set(KINDS))
     if unknown:
@@ -557,6 +565,13 @@ def load_table(sources: Iterable[str | Path], include: Iterable[str] = SHOWN_KIN
     text = describe(found, runs, left_out, len(entries), show_more)
     if not runs:
         raise NoRunsFound(f"found 0 runs to show\n{text}")
+    return runs, entries, text
+
+
+def load_table(sources: Iterable[str | Path], include: Iterable[str] = SHOWN_KINDS,
+               show_more: str = "--include debug") -> tuple[list[dict[str, Any]], str]:
+    """The table's entries and `describe`'s text for the runs under `sources` (see `load_runs`)."""
+    _, entries, text = load_runs(sources, include, show_more)
     return entries, text
 
 
@@ -568,17 +583,26 @@ def resolve_sources(spec: str | None, default: Sequence[str] = NOTEBOOK_SOURCES)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the results found under the given folders (default: outputs/ and multirun/)."""
+    """Print the results found under the given folders (default: outputs/ and multirun/): the table, then (as
+    markdown) its statistics (`src.statistics`); `--rank-figure` also draws accuracy against parameters."""
+    from src import figures, statistics  # they build on this module
+
     parser = argparse.ArgumentParser(prog="python -m src.results", description=__doc__.split("\n")[0])
     parser.add_argument("dirs", nargs="*", default=["outputs", "multirun"], help="folders or results.jsonl files")
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
     parser.add_argument("--include", action="append", default=[], choices=KINDS,
                         help="also show this kind of run (debug runs are left out by default)")
+    statistics.add_arguments(parser)
+    figures.add_arguments(parser)
     args = parser.parse_args(argv)
     with reported_errors():
-        entries, text = load_table(args.dirs, tuple(dict.fromkeys([*SHOWN_KINDS, *args.include])))
+        runs, entries, text = load_runs(args.dirs, tuple(dict.fromkeys([*SHOWN_KINDS, *args.include])))
         print(text, file=sys.stderr)
-        print(format_table(entries, args.format))
+        if not args.stats:
+            print(format_table(entries, args.format))
+        stats = statistics.Statistics(entries, runs, args.replicates)
+        statistics.print_statistics(stats, args)
+        figures.write_rank_figure(stats, args)
     return 0
 
 

@@ -39,6 +39,7 @@ from src.results import (
     weights_digest,
 )
 from src.resume import resume_last_run
+from src.samples import SAMPLES_FILE, SplitSamples, hit_record, write_samples
 from src.trust import check_stored_config
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def build_module(cfg: DictConfig) -> GroundingModule:
         scheduler=instantiate(optim.scheduler) if optim.get("scheduler") else None,
         scheduler_interval=optim.get("scheduler_interval", "epoch"),
         group_lr=dict(optim.get("group_lr") or {}),
+        full_backbone_lr=optim.get("full_backbone_lr"),
         loss=instantiate(cfg.loss) if cfg.get("loss") else None,
         config=resolved(cfg),
         eval_fp32=bool(cfg.get("eval_fp32", False)),
@@ -187,6 +189,20 @@ def evaluate_splits(trainer: L.Trainer, module: GroundingModule, loaders: list, 
     return split_metrics(trainer.callback_metrics, names)
 
 
+def split_samples(module: GroundingModule, loaders: list, names: list[str], splits: dict) -> dict[str, SplitSamples]:
+    """The test loop's per-sample outcomes of each split whose record holds every sample its metric counted
+    (none under `ddp_spawn`, whose test loop runs in other processes: the comparison then uses per-run figures)."""
+    out = {}
+    for name, loader in zip(names, loaders, strict=True):
+        index, iou = module.test_samples.get(name, ((), ()))
+        if len(index) and len(index) == splits[name]["n"]:
+            out[name] = SplitSamples(len(loader.dataset), index, iou)
+        else:
+            log.warning("%s: no per-sample record of the test (%d of %d samples recorded)", name, len(index),
+                        splits[name]["n"])
+    return out
+
+
 @torch.no_grad()
 def draw_predictions(module: GroundingModule, loader, count: int, path: Path) -> None:
     """Save a grid of the first `count` test samples with ground-truth and predicted boxes."""
@@ -274,12 +290,14 @@ def train_and_test(cfg: DictConfig, progress: RunProgress) -> float | None:
         elif "val/acc50" in trainer.callback_metrics:
             best_score = float(trainer.callback_metrics["val/acc50"])
 
-    splits, shuffled = {}, {}
+    splits, shuffled, samples = {}, {}, {}
     if cfg.test:
         datamodule.trainer = trainer  # its loaders then split the samples exactly over the processes
         datamodule.setup("test")
         names = list(datamodule.test_split_names)
-        splits = evaluate_splits(trainer, module, datamodule.test_dataloader(), names, best_ckpt)
+        loaders = datamodule.test_dataloader()
+        splits = evaluate_splits(trainer, module, loaders, names, best_ckpt)
+        samples = split_samples(module, loaders, names, splits)
         if cfg.shuffled_text_check:
             loaders = [datamodule.shuffled_text_dataloader(n) for n in names]
             scores = evaluate_splits(trainer, module, loaders, [f"{n}_shuffled_text" for n in names], None)
@@ -305,12 +323,14 @@ def train_and_test(cfg: DictConfig, progress: RunProgress) -> float | None:
         "parameters": params,
         "config": config,
     })
+    if samples:
+        write_samples(out_dir / SAMPLES_FILE, samples)
     evaluated = {"checkpoint_config": stored.config, "weights": weights_digest(stored.state)} if evaluate_only else {}
     row = result_row(
         config, choices=run_choices(cfg, stored.choices if evaluate_only else None), params=params, splits=splits,
         shuffled=shuffled, best_val=best_score,
         checkpoint=best_ckpt or cfg.get("ckpt_path"), wall_seconds=wall, output_dir=out_dir,
-        processes=trainer.world_size, **evaluated,
+        processes=trainer.world_size, sample_hits={n: hit_record(s) for n, s in samples.items()}, **evaluated,
     )
     table = append_result(results_file(out_dir), row)
     log.info("results written to %s (and a line in %s)", out_dir / "results.json", table)

@@ -22,7 +22,9 @@ from omegaconf import open_dict
 
 from src.checkpoints import read_checkpoint, trainable_state
 from src.config import compose
+from src.results import RESULTS_NAME
 from src.run import build_seeded_module, trainer_settings
+from src.samples import SAMPLES_FILE, read_samples
 from tests.test_checkpoints import METHODS, module_for, save
 from tests.test_datamodule import make_benchmark_root, make_referit_root
 from tests.test_model import inputs
@@ -162,6 +164,13 @@ def test_two_processes_evaluate_every_sample_exactly_once(tmp_path: Path) -> Non
         assert two["splits"][split]["acc50"] == one["splits"][split]["acc50"]
         assert two["splits"][split]["miou"] == pytest.approx(one["splits"][split]["miou"], abs=1e-6)
         assert two["shuffled_text"][split]["acc50"] == one["shuffled_text"][split]["acc50"]
+    # the per-sample record, gathered over both processes' unequal shares: every sample once, in index order
+    records = {k: read_samples(tmp_path / k / SAMPLES_FILE) for k in ("one", "two")}
+    lines = {k: json.loads((tmp_path / k / RESULTS_NAME).read_text())["sample_hits"] for k in ("one", "two")}
+    assert lines["two"] == lines["one"] and set(lines["one"]) == {"val", "test"}
+    for split, n in (("val", 5), ("test", 7)):
+        assert records["two"][split].size == n and list(records["two"][split].index) == list(range(n))
+        assert records["two"][split].iou == pytest.approx(records["one"][split].iou, abs=1e-6)
 
 
 @pytest.mark.slow

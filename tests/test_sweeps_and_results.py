@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,6 +18,7 @@ from src import results
 from src.config import CONFIG_DIR, compose
 from src.errors import ConfigError
 from src.run import resolved, run, run_choices
+from src.samples import SAMPLES_FILE, read_hits, read_samples
 from tests.conftest import PROJECT_ROOT
 from tests.test_default_job import TINY_JOB
 
@@ -114,7 +116,8 @@ def test_runs_are_grouped_only_with_runs_of_their_own_kind_and_recipe(tmp_path: 
 
     assert results.main([str(tmp_path), "--include", "debug"]) == 0
     captured = capsys.readouterr()
-    debug_rows = [r for r in captured.out.splitlines() if "| debug |" in r]
+    summary = captured.out.split("\n\n")[0]  # the results table; its statistics follow
+    debug_rows = [r for r in summary.splitlines() if "| debug |" in r]
     assert len(debug_rows) == 2 and all(" | 1 | " in r for r in debug_rows)  # two recipes, one run each
     assert "8 runs in 5 groups; left out: 2 evaluations of weights already counted" in captured.err
     assert "trainer.fast_dev_run" in captured.out.splitlines()[0]
@@ -228,6 +231,9 @@ def test_method_rank_seed_sweep_feeds_the_table_and_the_notebook(tmp_path: Path,
     assert sum(line.startswith("| synthetic | training |") for line in table.splitlines()) == 4
     assert len({r["recipe"] for r in rows}) == 4  # method x rank; the seed is not part of a recipe
     assert "peft.rank" not in table.splitlines()[0]  # the rank column shows it
+    # every run recorded its test samples: the statistics' intervals come from the bootstrap (2 seeds each)
+    assert sum(line.endswith("| bootstrap |") and line.startswith("| synthetic | test | training |")
+               for line in table.splitlines()) == 4
 
     figure = tmp_path / "figure.png"
     outputs = execute_notebook(PROJECT_ROOT / "notebooks", PETL_RESULTS=str(tmp_path / "sweep"),
@@ -268,6 +274,16 @@ def test_fast_dev_run_debug_mode_runs_end_to_end(tmp_path: Path):
     assert written["splits"]["test"]["n"] > 0
     written_line = json.loads((tmp_path / "run" / results.RESULTS_NAME).read_text())
     assert written_line["kind"] == "debug" and written_line["recipe_settings"]["trainer.fast_dev_run"] is True
+    # the per-sample record: every test sample's outcome in the line, its IoU in the run folder, both agreeing
+    # with the split's figures (fast_dev_run tests one batch: 8 of the split's 12 samples)
+    evaluated, hits = read_hits(written_line["sample_hits"]["test"])
+    n = written["splits"]["test"]["n"]
+    assert (len(evaluated), evaluated.sum(), n) == (12, 8, 8) and "evaluated" in written_line["sample_hits"]["test"]
+    assert hits.sum() / n == pytest.approx(written["splits"]["test"]["acc50"])
+    stored = read_samples(tmp_path / "run" / SAMPLES_FILE)["test"]
+    assert stored.size == len(evaluated) and list(stored.index) == list(np.flatnonzero(evaluated))
+    assert stored.iou.mean() == pytest.approx(written["splits"]["test"]["miou"], abs=1e-6)
+    assert list(stored.iou >= 0.5) == list(hits[evaluated])
 
 
 @pytest.mark.slow
