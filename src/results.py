@@ -48,6 +48,7 @@ NOTEBOOK_SOURCES = ("experiments/petl_comparison",)
 # new setting splits groups rather than silently merging them.
 NOT_RECIPE = (
     "seed", "task_name", "tags", "train", "test", "ckpt_path", "resume_roots", "visualize", "shuffled_text_check",
+    "optimized_metric",
     "paths.*", "logger.*", "hydra.*", "callbacks.*", "overflow_guard.*", "mode_defaults.*", "*._convert_",
     "*._partial_", "data.data_root", "data.split_root", "data.image_root", "data.reader.refer_root",
     "data.cache_dir", "data.num_workers", "data.pin_memory", "data.cache_samples", "data.cache_max_mb",

@@ -3,7 +3,7 @@
 Trains the configured model on the configured benchmark, keeps the best checkpoint by `val/acc50`,
 tests it on every test split (keys `test/<split>/acc50`), optionally measures accuracy with the
 expressions shuffled across samples, and writes results.json, predictions.png, CSV/W&B logs and the
-checkpoint under the run folder. Returns the best `val/acc50` so that Hydra sweepers can optimise it.
+checkpoint under the run folder. Returns `optimized_metric` (the best `val/acc50` by default) for Hydra sweepers.
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ class RunProgress:
 
 
 def run(cfg: DictConfig) -> float | None:
-    """Train, test and report as configured; returns the best val/acc50 (None when not training).
+    """Train, test and report as configured; returns `optimized_metric` (None when nothing was logged).
 
     A failure the user can act on (`src.errors.UserError`: bad data, checkpoint or setting, a non-finite
     loss) is recorded in results.json and the results line with `status: failed`; a single run then
@@ -289,6 +289,7 @@ def train_and_test(cfg: DictConfig, progress: RunProgress) -> float | None:
             best_score = best_model_score(checkpoint)
         elif "val/acc50" in trainer.callback_metrics:
             best_score = float(trainer.callback_metrics["val/acc50"])
+    logged = logged_metrics(trainer)
 
     splits, shuffled, samples = {}, {}, {}
     if cfg.test:
@@ -297,14 +298,16 @@ def train_and_test(cfg: DictConfig, progress: RunProgress) -> float | None:
         names = list(datamodule.test_split_names)
         loaders = datamodule.test_dataloader()
         splits = evaluate_splits(trainer, module, loaders, names, best_ckpt)
+        logged |= logged_metrics(trainer)
         samples = split_samples(module, loaders, names, splits)
         if cfg.shuffled_text_check:
             loaders = [datamodule.shuffled_text_dataloader(n) for n in names]
             scores = evaluate_splits(trainer, module, loaders, [f"{n}_shuffled_text" for n in names], None)
             shuffled = {n: {"acc50": scores[f"{n}_shuffled_text"]["acc50"]} for n in names}
     problems = data_problems(datamodule, module)  # gathers over processes: every rank takes part
+    value = optimized_value(cfg, trainer, best_score, logged)
     if not trainer.is_global_zero:
-        return best_score
+        return value
     if cfg.test:
         if cfg.visualize:
             draw_predictions(module, datamodule.test_dataloader()[0], int(cfg.visualize), out_dir / "predictions.png")
@@ -334,7 +337,28 @@ def train_and_test(cfg: DictConfig, progress: RunProgress) -> float | None:
     )
     table = append_result(results_file(out_dir), row)
     log.info("results written to %s (and a line in %s)", out_dir / "results.json", table)
-    return best_score
+    return value
+
+
+def logged_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """The scalar metrics the last loop logged (Lightning keeps only the latest loop's)."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if not torch.is_tensor(v) or v.numel() == 1}
+
+
+def optimized_value(cfg: DictConfig, trainer: L.Trainer, best_score: float | None, logged: dict[str, float]):
+    """What a Hydra sweeper optimises: `optimized_metric` at the best checkpoint when that checkpoint is chosen
+    by it (val/acc50 by default), else its value as training or the first test loop last logged it (e.g.
+    `val/miou`, `test/test/acc50`); None when its loop did not run (e.g. `val/` metrics in an evaluation)."""
+    name = str(cfg.get("optimized_metric") or "val/acc50")
+    checkpoint = trainer.checkpoint_callback
+    if isinstance(checkpoint, ModelCheckpoint) and checkpoint.monitor == name and best_score is not None:
+        return best_score
+    if name in logged:
+        return logged[name]
+    loop = name.split("/", 1)[0] + "/"
+    if not any(key.startswith(loop) for key in logged):  # that loop did not run (e.g. val/ in an evaluation)
+        return None
+    raise ConfigError(f"optimized_metric={name} was not logged by this run; it logged {', '.join(sorted(logged))}")
 
 
 def run_choices(cfg: DictConfig, checkpoint_choices: dict[str, str] | None = None) -> dict[str, str]:

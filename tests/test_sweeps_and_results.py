@@ -8,16 +8,18 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from src import results
 from src.config import CONFIG_DIR, compose
 from src.errors import ConfigError
-from src.run import resolved, run, run_choices
+from src.run import optimized_value, resolved, run, run_choices
 from src.samples import SAMPLES_FILE, read_hits, read_samples
 from tests.conftest import PROJECT_ROOT
 from tests.test_default_job import TINY_JOB
@@ -262,14 +264,36 @@ def test_hparams_search_and_debug_configs_compose():
     for name in sorted(p.stem for p in (CONFIG_DIR / "debug").glob("*.yaml")):
         cfg = compose([f"debug={name}"])
         assert cfg.task_name.startswith("debug")
+        # every debug config starts from debug/default: no W&B run, no sample cache filled for a few batches
+        assert cfg.logger.wandb is None and cfg.data.cache_samples is False
     assert compose(["debug=fast_dev_run"]).trainer.fast_dev_run is True
     assert compose(["debug=overfit"]).trainer.overfit_batches == 4
+    assert compose(["debug=limit"]).shuffled_text_check is True  # the whole pipeline, the control included
+
+
+def test_the_optimised_metric_is_a_setting():
+    """The checkpoint's best score when it monitors the metric; else the metric as last logged; a metric its loop
+    never logged is a mistake named in one line; one whose loop did not run gives None (an evaluation's val/)."""
+    trainer = SimpleNamespace(checkpoint_callback=ModelCheckpoint(monitor="val/acc50"))
+    logged = {"val/acc50": 0.25, "val/miou": 0.4, "test/test/acc50": 0.3}
+
+    def value(name: str, logged: dict = logged) -> float | None:
+        return optimized_value(compose([f"optimized_metric={name}"]), trainer, 0.5, logged)
+
+    assert value("val/acc50") == 0.5  # the best epoch's, not the last epoch's 0.25
+    assert value("val/miou") == 0.4 and value("test/test/acc50") == 0.3
+    assert value("val/acc50", {"test/test/acc50": 0.3}) == 0.5
+    trainer.checkpoint_callback = None
+    assert value("val/acc50", {"test/test/acc50": 0.3}) is None
+    with pytest.raises(ConfigError, match=r"optimized_metric=val/acc5 was not logged by this run; it logged test/"):
+        value("val/acc5")
 
 
 def test_fast_dev_run_debug_mode_runs_end_to_end(tmp_path: Path):
     cfg = compose([f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'run'}", *TINY_JOB,
-                   "debug=fast_dev_run", "logger=csv"])
-    run(cfg)
+                   "debug=fast_dev_run", "logger=csv", "optimized_metric=val/miou"])
+    returned = run(cfg)  # fast_dev_run saves no checkpoint: the value is the one validation's val/miou
+    assert isinstance(returned, float) and 0.0 < returned < 1.0
     written = json.loads((tmp_path / "run" / "results.json").read_text())
     assert written["splits"]["test"]["n"] > 0
     written_line = json.loads((tmp_path / "run" / results.RESULTS_NAME).read_text())
