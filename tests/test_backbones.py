@@ -131,6 +131,19 @@ def test_peft_targets_are_roles_or_the_module_paths_older_configs_name():
         tiny(LibraryPeft(vision_targets=["attn.q"]))
 
 
+def test_pretrained_text_weights_of_another_family_are_refused(tmp_path: Path):
+    """Local weights of the configured family load; another family's would be left random: refused."""
+    settings = {arch: tiny_text(arch) for arch in ("distilbert", "bert")}
+    for arch, text in settings.items():
+        build_text(text, pretrained=False, token_type=True).save_pretrained(tmp_path / arch)
+    loaded = build_text(TextSettings(**{**vars(settings["distilbert"]), "weights": str(tmp_path / "distilbert")}),
+                        pretrained=True, token_type=True)
+    assert loaded.config.model_type == "distilbert"
+    wrong = TextSettings(**{**vars(settings["distilbert"]), "weights": str(tmp_path / "bert")})
+    with pytest.raises(ConfigError, match=r"model.text.weights=.* lacks \d+ weights of the configured distilbert"):
+        build_text(wrong, pretrained=True, token_type=True)
+
+
 def test_reference_counts_other_released_architectures():
     """The denominator for ViT-S/16 (no mask token: not DINOv2) + roberta-base (released without pooler)."""
     roberta_base = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5)

@@ -376,7 +376,12 @@ def build_text(settings: TextSettings, pretrained: bool, token_type: bool) -> Pr
     config, family = text_config(settings), text_family(settings.arch)
     if pretrained:
         model_class = MODEL_MAPPING[type(config)]
-        model = model_class.from_pretrained(settings.weights, config=config, **family.pooler_kwargs(False))
+        model, info = model_class.from_pretrained(settings.weights, config=config, output_loading_info=True,
+                                                  **family.pooler_kwargs(False))
+        if info["missing_keys"]:  # transformers would leave them random with a warning
+            missing = sorted(info["missing_keys"])
+            raise ConfigError(f"model.text.weights={settings.weights!r} lacks {len(missing)} weights of the configured "
+                              f"{settings.arch} encoder (e.g. {missing[0]}): weights of another family or size?")
     else:
         model = text_model(config)
     if not token_type and family.token_types:
