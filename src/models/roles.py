@@ -119,13 +119,12 @@ class TextFamily:
         return {"add_pooling_layer": pooler} if self.pooler_argument else {}
 
 
-BERT_ATTENTION = {
+BERT_LAYER = {
     "attn_q": ("attention.self.query",), "attn_k": ("attention.self.key",), "attn_v": ("attention.self.value",),
     "attn_qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
-    "attn_out": ("attention.output.dense",),
+    "attn_out": ("attention.output.dense",), "mlp_in": ("intermediate.dense",), "mlp_out": ("output.dense",),
+    "ffn_output": ("output",),
 }
-BERT_LAYER = {**BERT_ATTENTION, "mlp_in": ("intermediate.dense",), "mlp_out": ("output.dense",),
-              "ffn_output": ("output",)}
 DISTILBERT_LAYER = {
     "attn_q": ("attention.q_lin",), "attn_k": ("attention.k_lin",), "attn_v": ("attention.v_lin",),
     "attn_qkv": ("attention.q_lin", "attention.k_lin", "attention.v_lin"), "attn_out": ("attention.out_lin",),
@@ -140,6 +139,7 @@ BERT_BASE = dict(
 
 
 def _bert_like(pooler: bool, reference_pooler: bool = False, base: dict[str, Any] | None = None) -> TextFamily:
+    """A family laid out as BERT (encoder.layer, BertOutput-style FFN block, token types)."""
     return TextFamily("encoder.layer", BERT_LAYER, pooler, reference_pooler, True, base or {})
 
 
