@@ -15,7 +15,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.models.encoders import PriorSettings, TextSettings
-from src.pretrain_text import TextPretraining, bert_tower, clip_tower, ensure_pretrained_text
+from src.pretrain_text import TextPretraining, clip_tower, ensure_pretrained_text, text_tower
 from src.pretrain_vision import VisionPretraining, ensure_pretrained_vit
 from src.quirks import ModelQuirks
 
@@ -48,9 +48,10 @@ def apply_backbone_pretraining(cfg: DictConfig, datamodule: L.LightningDataModul
         bert_tok, clip_tok = datamodule.tokenizers()
         text, prior = TextSettings(**plain(model.text)), PriorSettings(**plain(model.prior))
         token_type = not quirks.bert_without_token_type  # the official BERT has no token-type table
-        bert = partial(bert_tower, text, token_type=token_type)
+        tower = partial(text_tower, text, token_type=token_type)
         stage = TextPretraining(**text_stage)
-        paths["text"] = ensure_pretrained_text(corpus, "bert", text.config, bert, bert_tok, model.max_query_len,
+        # the family names the tower in the cache key ("bert" as before other families existed)
+        paths["text"] = ensure_pretrained_text(corpus, text.arch, text.config, tower, bert_tok, model.max_query_len,
                                                stage, cache, variant={"token_type": token_type})
         paths["prior"] = ensure_pretrained_text(corpus, "clip", prior.config, partial(clip_tower, prior), clip_tok,
                                                 model.max_query_len, stage, cache)

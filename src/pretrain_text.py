@@ -31,8 +31,8 @@ from src.models.encoders import (
     TextEncoder,
     TextPrior,
     TextSettings,
-    build_bert,
     build_clip_text,
+    build_text,
 )
 from src.progress import Progress
 from src.schedules import one_cycle
@@ -54,9 +54,10 @@ class TextPretraining:
     seed: int = 0
 
 
-def bert_tower(settings: TextSettings, token_type: bool = True) -> tuple[nn.Module, TowerFn]:
-    """A random BERT built from `settings` (the module to save) and its per-token features."""
-    encoder = TextEncoder(build_bert(settings, pretrained=False, token_type=token_type))
+def text_tower(settings: TextSettings, token_type: bool = True) -> tuple[nn.Module, TowerFn]:
+    """A random text encoder (BERT by default) built from `settings` (the module to save) and its per-token
+    features."""
+    encoder = TextEncoder(build_text(settings, pretrained=False, token_type=token_type))
     return encoder.bert, encoder
 
 
@@ -101,8 +102,8 @@ def ensure_pretrained_text(
     """Path of the pretrained state dict of a text tower, training it first if not cached.
 
     `build()` returns the freshly built module to save and the function giving its per-token
-    features; `tower` ("bert" / "clip"), `tower_config` and `variant` (anything else that changes the
-    built module, e.g. whether BERT has a token-type table) name it in the cache key.
+    features; `tower` (the text family, e.g. "bert", or "clip"), `tower_config` and `variant` (anything
+    else that changes the built module, e.g. whether BERT has a token-type table) name it in the cache key.
     """
     key = {"corpus": corpus.name, "tower": tower, "config": tower_config, "max_len": max_len, **asdict(settings),
            **(variant or {})}
