@@ -253,7 +253,8 @@ def result_row(
 
 
 def append_result(path: Path, row: Mapping[str, Any]) -> Path:
-    """Append one line under an exclusive lock (parallel sweep jobs share the file)."""
+    """Append one line under an exclusive lock (parallel sweep jobs share the file). The lock is taken on the
+    results file itself (`fcntl.flock`), not through filelock, which would leave a `.lock` file beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)

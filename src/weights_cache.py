@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -12,19 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 
 @contextlib.contextmanager
 def exclusive(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `<path>.lock` (created if needed): of several processes preparing the
-    same cache entry (DDP ranks, sweep jobs), one builds it while the others wait, then find it built."""
+    """Hold an exclusive lock on `<path>.lock` (filelock's FileLock, created if needed): of several processes
+    preparing the same cache entry (DDP ranks, sweep jobs), one builds it while the others wait, then find it built."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(path.with_name(path.name + ".lock")):
+        yield
 
 
 def cached_state_dict(
