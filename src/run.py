@@ -22,14 +22,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
-from src.backbone_pretraining import apply_backbone_pretraining
-from src.checkpoints import StoredCheckpoint, load_checkpoint_file, load_into, read_stored
-from src.errors import ConfigError, as_user_error, reported_errors
-from src.lit import GroundingModule, OverflowGuard
-from src.loggers import finish_wandb
-from src.params import format_report, parameter_report
-from src.report import prediction_grid, print_table, split_metrics, write_results
-from src.results import (
+from src.analysis.samples import SAMPLES_FILE, SplitSamples, hit_record, write_samples
+from src.analysis.table import (
     append_result,
     hydra_choices,
     in_multirun,
@@ -38,9 +32,15 @@ from src.results import (
     results_file,
     weights_digest,
 )
-from src.resume import resume_last_run
-from src.samples import SAMPLES_FILE, SplitSamples, hit_record, write_samples
-from src.trust import check_stored_config
+from src.errors import ConfigError, as_user_error, reported_errors
+from src.params import format_report, parameter_report
+from src.pretraining.stages import apply_backbone_pretraining
+from src.storage.checkpoints import StoredCheckpoint, load_checkpoint_file, load_into, read_stored
+from src.storage.trust import check_stored_config
+from src.training.lit import GroundingModule, OverflowGuard
+from src.training.loggers import finish_wandb
+from src.training.report import prediction_grid, print_table, split_metrics, write_results
+from src.training.resume import resume_last_run
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def adopt_checkpoint_model(cfg: DictConfig, stored: dict, source: str) -> None:
     are rebuilt from them; data, trainer and logging stay as configured (test it on another benchmark).
 
     The stored settings are data: they may only name the suite's own classes (or those configured
-    here) and hold plain values (`src.trust`); anything else is refused before it is used."""
+    here) and hold plain values (`src.storage.trust`); anything else is refused before it is used."""
     if not stored:
         log.warning("the checkpoint carries no config: evaluating it with the model configured here")
         return

@@ -1,4 +1,4 @@
-"""The cached synthetic pretraining stage for random text towers (src/pretrain_text.py)."""
+"""The cached synthetic pretraining stage for random text towers (src/pretraining/text.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from src.data.synthetic import ensure_synthetic, record_attributes, split_path
 from src.data.tokenizers import bert_tokenizer, clip_tokenizer
 from src.models.encoders import PriorSettings, TextSettings, build_clip_text, build_text
-from src.pretrain_text import (
+from src.pretraining.text import (
     TextPretraining,
     clip_tower,
     ensure_pretrained_text,

@@ -54,7 +54,7 @@ class VisionSettings:
     # does). Ignored when pretrained weights are loaded.
     random_pos_embed: str = "timm"
     # A local state dict loaded into the randomly built ViT (e.g. the synthetic pretraining stage's
-    # output, src/pretrain_vision.py); independent of model.pretrained.
+    # output, src/pretraining/vision.py); independent of model.pretrained.
     init_checkpoint: str | None = None
 
     def overrides(self) -> dict[str, Any]:
@@ -72,7 +72,7 @@ class TextSettings:
     arch: str = "bert"
     weights: str = "bert-base-uncased"
     config: dict[str, Any] = field(default_factory=dict)
-    # A local state dict loaded into the built text encoder (e.g. src/pretrain_text.py's output).
+    # A local state dict loaded into the built text encoder (e.g. src/pretraining/text.py's output).
     init_checkpoint: str | None = None
 
 
@@ -82,7 +82,7 @@ class PriorSettings:
 
     weights: str = "openai/clip-vit-base-patch16"
     config: dict[str, Any] = field(default_factory=dict)
-    # A local state dict loaded into the built CLIP text tower (e.g. src/pretrain_text.py's output).
+    # A local state dict loaded into the built CLIP text tower (e.g. src/pretraining/text.py's output).
     init_checkpoint: str | None = None
 
 

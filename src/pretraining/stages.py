@@ -1,7 +1,7 @@
 """The synthetic benchmark's own preparation: cached pretraining stages for random-init tiny backbones.
 
 Run by every process before its model is built; the stages' caches are built once (the first process
-builds, concurrent ones, e.g. DDP ranks on a node, wait for it: `src.weights_cache.exclusive`) and read
+builds, concurrent ones, e.g. DDP ranks on a node, wait for it: `src.storage.weights_cache`) and read
 by all. Benchmarks with pretrained backbones need none of it.
 """
 
@@ -15,8 +15,8 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.models.encoders import PriorSettings, TextSettings
-from src.pretrain_text import TextPretraining, clip_tower, ensure_pretrained_text, text_tower
-from src.pretrain_vision import VisionPretraining, ensure_pretrained_vit
+from src.pretraining.text import TextPretraining, clip_tower, ensure_pretrained_text, text_tower
+from src.pretraining.vision import VisionPretraining, ensure_pretrained_vit
 from src.quirks import ModelQuirks
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ TRUSTED_TARGETS: Mapping[str, frozenset[str]] = {
         "src.models.peft.base.Full",
     }),
     "data": frozenset({"src.data.datamodule.GroundingDataModule"}),
-    "loss": frozenset({"src.losses.GroundingLoss"}),
+    "loss": frozenset({"src.training.losses.GroundingLoss"}),
 }
 
 PLAIN_TYPES = (str, int, float, bool, type(None))

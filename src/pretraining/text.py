@@ -1,6 +1,6 @@
 """A short, cached pretraining stage for the randomly initialised text towers (BERT and the CLIP prior).
 
-The companion of `src/pretrain_vision.py`: no pretrained language model exists offline, and a frozen
+The companion of `src/pretraining/vision.py`: no pretrained language model exists offline, and a frozen
 random BERT maps each word to a random vector entangled with its position, from which the fusion
 learns to read the phrase very slowly. This stage gives the tiny towers what a pretrained language
 model gives the real one, the meaning of the words: trained on the expressions of a separate
@@ -35,8 +35,8 @@ from src.models.encoders import (
     build_text,
 )
 from src.progress import Progress
-from src.schedules import one_cycle
-from src.weights_cache import cached_state_dict
+from src.storage.weights_cache import cached_state_dict
+from src.training.schedules import one_cycle
 
 log = logging.getLogger(__name__)
 

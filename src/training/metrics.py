@@ -62,7 +62,7 @@ class GroundingAccuracy(Metric):
 
 class SampleIoU(Metric):
     """Every evaluated sample's IoU with its index in the split, gathered from every process: the per-sample
-    record of a test split (`src.samples`), which paired comparisons of methods resample."""
+    record of a test split (`src.analysis.samples`), which paired comparisons of methods resample."""
 
     is_differentiable = False
     full_state_update = False

@@ -18,10 +18,10 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
 from src.errors import ConfigError
-from src.metrics import canvas_iou
 from src.progress import Progress, duration
-from src.report import canvas_with_boxes
-from src.resume import check_processes
+from src.training.metrics import canvas_iou
+from src.training.report import canvas_with_boxes
+from src.training.resume import check_processes
 
 log = logging.getLogger(__name__)
 
