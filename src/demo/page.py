@@ -57,10 +57,8 @@ def build_page(grounders: Sequence[Grounder], examples: Sequence[Example],
                                           max_lines=1, elem_id="demo-true-box", scale=3)
                     box_format = gr.Radio(list(BOX_FORMATS), value="xyxy", label="Box format", scale=2)
                 button = gr.Button("Ground", variant="primary", elem_id="demo-ground")
-            with gr.Column():
-                picture = gr.Image(label="Prediction", type="pil", format="png", interactive=False,
-                                   elem_id="demo-picture")
-                report = gr.HTML(elem_id="demo-report")
+            picture = gr.Image(label="Prediction", type="pil", format="png", interactive=False, elem_id="demo-picture")
+        report = gr.HTML(elem_id="demo-report")
         if examples:
             gr.Examples([e.row() for e in examples], [image, phrase, box_text], label="Examples")
         handler = partial(respond, grounders, max_megapixels)
