@@ -62,9 +62,9 @@ def build_page(grounders: Sequence[Grounder], examples: Sequence[Example],
         if examples:
             gr.Examples([e.row() for e in examples], [image, phrase, box_text], label="Examples")
         handler = partial(respond, grounders, max_megapixels)
-        for trigger in (button.click, phrase.submit):
+        for trigger in (button.click, phrase.submit):  # one queue for both: one request at a time in all
             trigger(handler, [image, phrase, box_text, box_format], [picture, report], preprocess=False,
-                    concurrency_limit=1, api_name=False)
+                    concurrency_limit=1, concurrency_id="grounding", api_name=False)
     return page.queue(default_concurrency_limit=1)
 
 
