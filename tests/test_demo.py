@@ -16,6 +16,7 @@ from src import predict
 from src.config import compose
 from src.demo import examples, serve
 from src.demo.answer import COLOURS, MAX_MEGAPIXELS, Answer, Grounder, answer, short_names
+from src.demo.page import build_page, respond
 from src.errors import reported_errors
 from src.run import build_seeded_module
 from tests.test_checkpoints import pretend_training, save
@@ -131,6 +132,13 @@ def test_examples_are_the_photos_or_the_benchmarks_first_test_scenes(tmp_path: P
 def test_shared_photos_are_the_examples_when_present(shared_dir: Path):
     found = examples.default_examples()
     assert len(found) == 7 and {e.image.name for e in found} == {"referit_38100.jpg", "referit_40429.jpg"}
+
+
+def test_the_page_sends_no_analytics_and_queues_every_request_together(grounders: list[Grounder]):
+    page = build_page(grounders, examples.synthetic_examples(1))
+    handlers = [fn for fn in page.fns.values() if getattr(fn.fn, "func", None) is respond]
+    assert page.analytics_enabled is False and len(handlers) == 2  # the button and Enter in the phrase box
+    assert {(fn.concurrency_limit, fn.concurrency_id, fn.preprocess) for fn in handlers} == {(1, "grounding", False)}
 
 
 def test_checkpoint_names_are_told_apart():

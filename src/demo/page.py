@@ -45,7 +45,9 @@ def heading(grounders: Sequence[Grounder]) -> str:
 def build_page(grounders: Sequence[Grounder], examples: Sequence[Example],
                max_megapixels: float = MAX_MEGAPIXELS) -> gr.Blocks:
     """The page for loaded checkpoints (one or two) with its examples, its queue set to one request at a time."""
-    with gr.Blocks(title="Grounding demo", analytics_enabled=False) as page:
+    # uploads and drawn pictures older than an hour leave Gradio's cache (checked hourly): a page left running
+    # for days does not fill the disk
+    with gr.Blocks(title="Grounding demo", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
         gr.Markdown(heading(grounders))
         with gr.Row():
             with gr.Column():
