@@ -134,6 +134,11 @@ def test_shared_photos_are_the_examples_when_present(shared_dir: Path):
     assert len(found) == 7 and {e.image.name for e in found} == {"referit_38100.jpg", "referit_40429.jpg"}
 
 
+def test_synthetic_scenes_are_the_examples_without_the_photos(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(examples, "SHARED_PHOTOS", tmp_path / "absent")  # a user's clone: no ../shared
+    assert examples.default_examples() == examples.synthetic_examples(examples.SYNTHETIC_SCENES)
+
+
 def test_the_page_sends_no_analytics_and_queues_every_request_together(grounders: list[Grounder]):
     page = build_page(grounders, examples.synthetic_examples(1))
     handlers = [fn for fn in page.fns.values() if getattr(fn.fn, "func", None) is respond]
