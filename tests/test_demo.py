@@ -15,7 +15,7 @@ from PIL import Image
 from src import predict
 from src.config import compose
 from src.demo import examples, serve
-from src.demo.answer import COLOURS, MAX_MEGAPIXELS, Answer, Grounder, answer, short_names
+from src.demo.answer import COLOURS, MAX_MEGAPIXELS, SHOWN_SIDE, Answer, Grounder, answer, short_names
 from src.demo.page import build_page, respond
 from src.errors import reported_errors
 from src.run import build_seeded_module
@@ -82,6 +82,15 @@ def outline(image: Image.Image, box: tuple[float, ...], band: int = 2) -> list[t
             and min(abs(x - x1), abs(x - x2), abs(y - y1), abs(y - y2)) <= band]
 
 
+def test_a_large_picture_is_shown_smaller_with_its_boxes_in_original_pixels(grounders: list[Grounder],
+                                                                          tmp_path: Path):
+    image = picture(tmp_path / "large.png", (2400, 1800))
+    got = answer(grounders[:1], upload(image), "the yellow square", "")
+    expected = grounders[0].predictor.predict([predict.Query(image, "the yellow square")])[0]
+    assert got.picture.size == (SHOWN_SIDE, 1200) and "large.png: 2400×1800 px" in got.report
+    assert f'<td class="box">{predict.pixels(expected.box)}</td>' in got.report
+
+
 def message(got: Answer) -> str:
     """The message shown instead of a picture and legend, as the page reads."""
     assert got.picture is None and got.report.startswith('<p class="demo-message"')
@@ -100,7 +109,7 @@ def test_bad_inputs_are_messages_on_the_page(grounders: list[Grounder], tmp_path
     assert "cut.png could not be decoded" in message(answer(grounders, upload(truncated), "the dog", ""))
     huge = tmp_path / "huge.png"
     Image.new("1", (8000, 7000), 1).save(huge)  # 56 megapixels in 20 kB: refused from its header, never decoded
-    assert f"8000×7000 pixels (56 megapixels), over this page's limit of {MAX_MEGAPIXELS:g}" in message(
+    assert f"8000×7000 pixels (56.0 megapixels), over this page's limit of {MAX_MEGAPIXELS:g}" in message(
         answer(grounders, upload(huge), "the dog", ""))
     assert "over this page's limit of 0.01" in message(answer(grounders, upload(image), "the dog", "", "xyxy", 0.01))
     for box, problem in (("1 2 3", "type 4 numbers"), ("a b c d", "type 4 numbers"), ("1 2 3 nan", "type 4 numbers"),

@@ -176,7 +176,7 @@ def test_bad_inputs_are_messages_on_the_page(served: str, browser, photo: Path, 
     (tmp_path / "fake.jpg").write_text("not a picture either")
     Image.new("1", (8000, 7000), 1).save(tmp_path / "huge.png")
     for name, said in (("fake.jpg", "fake.jpg is not an image this page can read"),
-                       ("huge.png", "huge.png is 8000×7000 pixels (56 megapixels), over this page's limit")):
+                       ("huge.png", "huge.png is 8000×7000 pixels (56.0 megapixels), over this page's limit")):
         upload.set_input_files(str(tmp_path / name))
         ground(page)
         expect(report).to_contain_text(said, timeout=30_000)

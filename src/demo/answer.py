@@ -23,6 +23,7 @@ from src.params import parameter_report
 from src.predict import GIVEN, PREDICTED, Colour, Prediction, Predictor, Query, draw_boxes, pixels
 
 COLOURS: tuple[Colour, ...] = (PREDICTED, (0, 90, 230))  # checkpoint A red (as src.predict draws), B blue
+COLOUR_NAMES = ("red", "blue")
 LABELS = ("A", "B")
 MAX_MEGAPIXELS = 50.0  # larger uploads are refused before decoding (a 48 MP phone photo still passes)
 SHOWN_SIDE = 1600  # the drawn picture is sent at most this many px a side; the legend stays in original pixels
@@ -101,7 +102,7 @@ def check_image(path: Path, name: str, max_megapixels: float) -> None:
         raise PageError(f"{name} is not an image this page can read: upload a JPEG, PNG, WebP, BMP, GIF or TIFF "
                         "picture.") from None
     if width * height > max_megapixels * 1e6:
-        raise PageError(f"{name} is {width}×{height} pixels ({width * height / 1e6:.0f} megapixels), over this "
+        raise PageError(f"{name} is {width}×{height} pixels ({width * height / 1e6:.1f} megapixels), over this "
                         f"page's limit of {max_megapixels:g} megapixels: scale it down first (or start the page "
                         "with a larger max_megapixels=).")
 
@@ -152,10 +153,11 @@ def answer(grounders: Sequence[Grounder], upload: Mapping[str, Any] | None, phra
         results = [ground(g, query, image) for g in grounders]
     except PageError as err:
         return Answer(None, message(str(err)))
+    report = legend(results, given, name, image.size, read)
     boxes = [(r.prediction.box, colour) for r, colour in zip(results, COLOURS, strict=False)]
     picture = draw_boxes(image, boxes, given)
-    picture.thumbnail((SHOWN_SIDE, SHOWN_SIDE))
-    return Answer(picture, legend(results, given, name, image.size, read))
+    picture.thumbnail((SHOWN_SIDE, SHOWN_SIDE))  # in place: the legend above has the original's size
+    return Answer(picture, report)
 
 
 def message(text: str) -> str:

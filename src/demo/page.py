@@ -17,7 +17,7 @@ import gradio as gr
 from PIL import Image
 
 from src.data.benchmarks import BOX_FORMATS
-from src.demo.answer import LABELS, MAX_MEGAPIXELS, Grounder, answer
+from src.demo.answer import COLOUR_NAMES, LABELS, MAX_MEGAPIXELS, Grounder, answer
 from src.demo.examples import Example
 from src.errors import ConfigError
 
@@ -35,8 +35,8 @@ def respond(grounders: Sequence[Grounder], max_megapixels: float, upload: dict[s
 
 def heading(grounders: Sequence[Grounder]) -> str:
     """What the page is and which checkpoints answer, with their colours."""
-    names = ", ".join(f"**{label}** `{g.name}` ({g.predictor.method}, {'red' if label == 'A' else 'blue'})"
-                      for label, g in zip(LABELS, grounders, strict=False))
+    names = ", ".join(f"**{label}** `{g.name}` ({g.predictor.method}, {colour})"
+                      for label, colour, g in zip(LABELS, COLOUR_NAMES, grounders, strict=False))
     return ("# Referring expression grounding\n"
             f"Drop an image (or click an example), type a phrase naming one object in it, press **Ground**. "
             f"Checkpoints: {names}; a true box, when given, is drawn green and scored by IoU.")
