@@ -44,6 +44,9 @@ ARTEFACTS_ENV = "REC_TEST_ARTEFACTS"
 PHRASE = "the red circle"
 
 
+# The browser comes first in each test's fixtures: without it, a test skips before training anything.
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -135,7 +138,7 @@ def ground(page, text: str | None = None, box: str | None = None) -> None:
     page.click("#demo-ground")
 
 
-def test_a_photo_and_phrase_give_predicts_boxes_drawn(served: str, browser, checkpoints, photo: Path, tmp_path: Path,
+def test_a_photo_and_phrase_give_predicts_boxes_drawn(browser, served: str, checkpoints, photo: Path, tmp_path: Path,
                                                      capsys):
     from playwright.sync_api import expect
 
@@ -162,7 +165,7 @@ def test_a_photo_and_phrase_give_predicts_boxes_drawn(served: str, browser, chec
     page.close()
 
 
-def test_bad_inputs_are_messages_on_the_page(served: str, browser, photo: Path, tmp_path: Path):
+def test_bad_inputs_are_messages_on_the_page(browser, served: str, photo: Path, tmp_path: Path):
     from playwright.sync_api import expect
 
     page = open_page(browser, served)
