@@ -148,7 +148,9 @@ def test_synthetic_scenes_are_the_examples_without_the_photos(tmp_path: Path, mo
     assert examples.default_examples() == examples.synthetic_examples(examples.SYNTHETIC_SCENES)
 
 
-def test_the_page_sends_no_analytics_and_queues_every_request_together(grounders: list[Grounder]):
+def test_the_page_sends_no_analytics_and_queues_every_request_together(grounders: list[Grounder], tmp_path: Path,
+                                                                       monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # where Gradio copies the examples
     page = build_page(grounders, examples.synthetic_examples(1))
     handlers = [fn for fn in page.fns.values() if getattr(fn.fn, "func", None) is respond]
     assert page.analytics_enabled is False and len(handlers) == 2  # the button and Enter in the phrase box

@@ -204,10 +204,13 @@ def test_a_checkpoint_that_cannot_load_is_one_error_line(tmp_path: Path):
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'junk.ckpt'}: refused to load")
 
 
-def test_one_request_at_a_time_while_the_page_keeps_answering(browser, checkpoints, photo: Path):
+def test_one_request_at_a_time_while_the_page_keeps_answering(browser, checkpoints, photo: Path, tmp_path: Path,
+                                                               monkeypatch):
     """Two pages ask at once while the first request is held: the server still serves the page, and the second
     request starts only when the first has finished."""
     from playwright.sync_api import expect
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # where Gradio keeps the uploads
 
     grounder = Grounder.load(checkpoints[1], "mapper.safetensors", "cpu")
     release, running, most = threading.Event(), [0], [0]

@@ -21,9 +21,11 @@ from src.demo.answer import COLOUR_NAMES, LABELS, MAX_MEGAPIXELS, Grounder, answ
 from src.demo.examples import Example
 from src.errors import ConfigError
 
+IMAGE_HEIGHT = 400  # px on the page for both pictures; small ones (synthetic scenes) are scaled up to fill it
 CSS = """.demo-message { color: #b00020; font-weight: 600; }
 #demo-legend td, #demo-legend th { padding: 2px 8px; }
-#demo-legend td.box { white-space: nowrap; }"""
+#demo-legend td.box { white-space: nowrap; }
+#demo-image img, #demo-picture img { width: 100%; height: 100%; object-fit: contain; }"""
 
 
 def respond(grounders: Sequence[Grounder], max_megapixels: float, upload: dict[str, Any] | None, phrase: str,
@@ -51,7 +53,8 @@ def build_page(grounders: Sequence[Grounder], examples: Sequence[Example],
         gr.Markdown(heading(grounders))
         with gr.Row():
             with gr.Column():
-                image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], elem_id="demo-image")
+                image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], height=IMAGE_HEIGHT,
+                                 elem_id="demo-image")
                 phrase = gr.Textbox(label="Phrase", placeholder="the man on the left", max_lines=1, max_length=300,
                                     elem_id="demo-phrase")
                 with gr.Row():
@@ -59,7 +62,8 @@ def build_page(grounders: Sequence[Grounder], examples: Sequence[Example],
                                           max_lines=1, elem_id="demo-true-box", scale=3)
                     box_format = gr.Radio(list(BOX_FORMATS), value="xyxy", label="Box format", scale=2)
                 button = gr.Button("Ground", variant="primary", elem_id="demo-ground")
-            picture = gr.Image(label="Prediction", type="pil", format="png", interactive=False, elem_id="demo-picture")
+            picture = gr.Image(label="Prediction", type="pil", format="png", interactive=False, height=IMAGE_HEIGHT,
+                               elem_id="demo-picture")
         report = gr.HTML(elem_id="demo-report")
         if examples:
             gr.Examples([e.row() for e in examples], [image, phrase, box_text], label="Examples")
