@@ -36,7 +36,7 @@ run: setup
 demo: setup
 	@ckpt="$(CKPT)"; newest() { ls -t outputs/train/*/checkpoints/best-*.ckpt 2>/dev/null | head -n 1; }; \
 	if [ -z "$$ckpt" ] && [ -z "$$(newest)" ]; then \
-		echo "no checkpoint yet: training the default job first (make run)"; $(MAKE) --no-print-directory run ARGS=; \
+		echo "no checkpoint yet: training the default job first (make run)"; $(MAKE) --no-print-directory run ARGS= || exit 1; \
 	fi; \
 	$(PY) -m src.demo ckpt=$${ckpt:-$$(newest)} $(if $(CKPT_B),ckpt_b=$(CKPT_B)) $(ARGS)
 
