@@ -6,18 +6,39 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test lint format clean bench gpu-check
+.PHONY: setup browser run demo test lint format clean bench gpu-check
 
-setup: $(STAMP)
+setup: $(STAMP) browser
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,demo]'
 	@touch $(STAMP)
+
+# Headless Chromium for the demo page's browser test: Debian's package, driven by playwright (which never downloads
+# browsers of its own). Installed with apt-get when missing, as root or with password-less sudo; where that is
+# impossible the test skips and says why.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+		echo "installing Debian's chromium for the demo page's browser test"; \
+		($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null) \
+			|| echo "warning: could not install chromium: the demo page's browser test will be skipped"; }
 
 run: setup
 	$(PY) -m src.run $(ARGS)
+
+# The demo page on http://127.0.0.1:7860: CKPT=path [CKPT_B=path] (ARGS: more key=value options of src.demo).
+# Without CKPT: the newest best checkpoint of the default job under outputs/train/, trained first (make run,
+# about 4 minutes on a CPU) when there is none.
+demo: setup
+	@ckpt="$(CKPT)"; newest() { ls -t outputs/train/*/checkpoints/best-*.ckpt 2>/dev/null | head -n 1; }; \
+	if [ -z "$$ckpt" ] && [ -z "$$(newest)" ]; then \
+		echo "no checkpoint yet: training the default job first (make run)"; $(MAKE) --no-print-directory run ARGS= || exit 1; \
+	fi; \
+	$(PY) -m src.demo ckpt=$${ckpt:-$$(newest)} $(if $(CKPT_B),ckpt_b=$(CKPT_B)) $(ARGS)
 
 # Two pytest-xdist workers (TEST_WORKERS=1: one process); no .pytest_cache is written into the checkout.
 TEST_WORKERS ?= 2

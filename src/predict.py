@@ -32,6 +32,7 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import box_iou
 
+from src.analysis.table import method_name
 from src.config import compose, resolve_device
 from src.data.benchmarks import BOX_FORMATS
 from src.data.dataset import clip_to_image
@@ -42,7 +43,7 @@ from src.data.transforms import CanvasMeta, EvalTransform
 from src.errors import reported_errors
 from src.pretraining.stages import apply_backbone_pretraining
 from src.run import adopt_checkpoint_model, build_seeded_module
-from src.storage.checkpoints import load_into, read_checkpoint
+from src.storage.checkpoints import load_into, read_stored
 from src.storage.trust import check_stored_config
 from src.training.lit import GroundingModule
 
@@ -84,14 +85,15 @@ class Predictor:
     def __init__(
         self, checkpoint: str | Path, device: str = "auto", on_error: str = "fail", exif_transpose: bool = True
     ) -> None:
-        state, stored, prints = read_checkpoint(checkpoint)
+        stored = read_stored(checkpoint)
         cfg = compose()
-        adopt_checkpoint_model(cfg, stored, str(checkpoint))
-        adopt_checkpoint_data(cfg, stored, str(checkpoint))
+        adopt_checkpoint_model(cfg, stored.config, str(checkpoint))
+        adopt_checkpoint_data(cfg, stored.config, str(checkpoint))
         datamodule = instantiate(cfg.data)
         apply_backbone_pretraining(cfg, datamodule)
         module: GroundingModule = build_seeded_module(cfg)
-        load_into(module.model, state, prints, str(checkpoint))
+        load_into(module.model, stored.state, stored.fingerprint, str(checkpoint))
+        self.method = method_name(stored.config, stored.choices)  # as results tables name it (e.g. `lora`)
         self.device = resolve_device(device)
         self.model = module.model.to(self.device).eval()
         self.bert, self.clip = datamodule.tokenizers()
@@ -109,7 +111,6 @@ class Predictor:
         except ImageReadError as err:
             raise BadRecordError(f"unreadable image: {err}") from None
 
-    @torch.no_grad()
     def predict(self, queries: Sequence[Query]) -> list[Prediction]:
         """Ground each query; boxes are mapped back to the original image and clipped to it.
 
@@ -127,8 +128,9 @@ class Predictor:
         done = iter(self.ground(loaded) if loaded else [])
         return [Prediction(q, None, None, failed[i]) if i in failed else next(done) for i, q in enumerate(queries)]
 
+    @torch.no_grad()
     def ground(self, loaded: Sequence[tuple[Query, Image.Image]]) -> list[Prediction]:
-        """One batched forward over loaded (query, image) pairs."""
+        """One batched forward over loaded (query, image) pairs (images from `load`)."""
         images, metas, sizes = [], [], []
         queries = [q for q, _ in loaded]
         for q, image in loaded:
@@ -218,26 +220,46 @@ def label_origin(
     return round(max(x, 0)), round(max(y, 0))
 
 
-def draw(prediction: Prediction, path: Path, exif_transpose: bool = True) -> Path:
-    """The original image with the predicted box (red), the given box (green) and the phrase (with the IoU when
-    known) on a white label that stays inside the picture: shifted left or down from the box's corner as
-    needed, and wrapped when wider than the picture."""
-    image = load_image(prediction.query.image, "drawing", exif_transpose)
+Colour = tuple[int, int, int]
+
+
+def draw_boxes(image: Image.Image, boxes: Sequence[tuple[Sequence[float], Colour]],
+               given: Sequence[float] | None = None, caption: str | None = None) -> Image.Image:
+    """`image` (drawn on in place) with the given box (green) and each box in its colour; the caption, in the first
+    box's colour, on a white label that stays inside the picture: shifted left or down from that box's corner as
+    needed, and wrapped when wider than the picture. One drawing style for `draw` and the demo page."""
     pen = ImageDraw.Draw(image)
     width = max(2, round(max(image.size) / 200))
-    if prediction.query.box is not None:
-        pen.rectangle(prediction.query.box, outline=GIVEN, width=width)
-    pen.rectangle(prediction.box, outline=PREDICTED, width=width)
-    caption = prediction.query.phrase + (f"  (IoU {prediction.iou:.2f})" if prediction.iou is not None else "")
+    if given is not None:
+        pen.rectangle(tuple(given), outline=GIVEN, width=width)
+    for box, colour in boxes:
+        pen.rectangle(tuple(box), outline=colour, width=width)
+    if caption is None:
+        return image
     font, pad, margin = label_font(image.size), 2, 1
     text = wrap(caption, font, image.size[0] - 2 * (pad + margin))
     _, _, right, bottom = pen.multiline_textbbox((0, 0), text, font=font)
-    x, y = label_origin((right + 2 * pad, bottom + 2 * pad), prediction.box, image.size, margin)
+    (first, colour), *_ = boxes
+    x, y = label_origin((right + 2 * pad, bottom + 2 * pad), first, image.size, margin)
     pen.rectangle((x, y, x + right + 2 * pad - 1, y + bottom + 2 * pad - 1), fill=LABEL_BACKGROUND)
-    pen.multiline_text((x + pad, y + pad), text, fill=PREDICTED, font=font)
+    pen.multiline_text((x + pad, y + pad), text, fill=colour, font=font)
+    return image
+
+
+def draw(prediction: Prediction, path: Path, exif_transpose: bool = True) -> Path:
+    """The original image with the predicted box (red), the given box (green) and the phrase (with the IoU when
+    known) on a label by the predicted box (`draw_boxes`), saved to `path`."""
+    image = load_image(prediction.query.image, "drawing", exif_transpose)
+    caption = prediction.query.phrase + (f"  (IoU {prediction.iou:.2f})" if prediction.iou is not None else "")
+    draw_boxes(image, [(prediction.box, PREDICTED)], prediction.query.box, caption)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def pixels(box: Sequence[float]) -> str:
+    """A box as printed for people: x1 y1 x2 y2 with one decimal (the command line and the demo page)."""
+    return " ".join(f"{v:.1f}" for v in box)
 
 
 def picture_path(image: Path, out: str | None) -> Path:
@@ -278,36 +300,50 @@ def batches(items: Sequence[Query], size: int) -> Iterator[Sequence[Query]]:
         yield items[start : start + size]
 
 
-def parse_args(argv: Sequence[str]) -> dict[str, str]:
-    """key=value arguments (the Hydra-like style of the other commands)."""
+ARGUMENTS = ("ckpt", "image", "text", "out", "inputs", "output", "batch_size", "device", "draw", "draw_dir",
+             "image_root", "box_format", "on_error", "exif")
+
+
+def parse_args(argv: Sequence[str], known: Sequence[str] = ARGUMENTS, usage: str | None = __doc__) -> dict[str, str]:
+    """key=value arguments (the Hydra-like style of the other commands), each one of `known`; `usage` is printed
+    with a malformed one (src.demo parses its own arguments with this too)."""
     args = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or not key:
-            raise SystemExit(f"arguments are key=value, got {arg!r}\n\n{__doc__}")
+            raise SystemExit(f"arguments are key=value, got {arg!r}\n\n{usage}")
         args[key] = value
-    known = {"ckpt", "image", "text", "out", "inputs", "output", "batch_size", "device", "draw", "draw_dir",
-             "image_root", "box_format", "on_error", "exif"}
-    unknown = sorted(set(args) - known)
+    unknown = sorted(set(args) - set(known))
     if unknown:
         raise SystemExit(f"unknown arguments {unknown}; known: {sorted(known)}")
     return args
 
 
+def flag(value: str) -> bool:
+    """A true/false argument: 1, true or yes (any case) is true."""
+    return value.lower() in ("1", "true", "yes")
+
+
+def show_stage_progress() -> None:
+    """Warnings only, but the backbone pretraining stages' progress lines (minutes when their cache is missing), to
+    stderr: stdout keeps the boxes."""
+    logging.basicConfig(level=logging.WARNING)
+    for stage in ("src.pretraining.vision", "src.pretraining.text"):
+        logging.getLogger(stage).setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
-    logging.basicConfig(level=logging.WARNING)
-    for stage in ("src.pretraining.vision", "src.pretraining.text"):  # minutes when the pretraining cache is missing
-        logging.getLogger(stage).setLevel(logging.INFO)  # their progress lines go to stderr; stdout keeps the boxes
+    show_stage_progress()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if "ckpt" not in args or not (("image" in args and "text" in args) or "inputs" in args):
         raise SystemExit(__doc__)
     box_format = args.get("box_format", "xyxy")
     if box_format not in BOX_FORMATS:
         raise SystemExit(f"box_format must be one of {BOX_FORMATS}")
-    exif = args.get("exif", "true").lower() in ("1", "true", "yes")
+    exif = flag(args.get("exif", "true"))
     predictor = Predictor(args["ckpt"], args.get("device", "auto"), args.get("on_error", "fail"), exif)
-    do_draw = args.get("draw", "true").lower() in ("1", "true", "yes")
+    do_draw = flag(args.get("draw", "true"))
     if "inputs" in args:
         root = Path(args["image_root"]) if "image_root" in args else None
         queries = read_queries(Path(args["inputs"]), root, box_format)
@@ -337,8 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"error: {err}") from None
     if prediction.box is None:
         raise SystemExit(f"error: {prediction.error}")
-    x1, y1, x2, y2 = prediction.box
-    print(f"{x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}")
+    print(pixels(prediction.box))
     if do_draw:
         print(f"drawn on {draw(prediction, picture_path(query.image, args.get('out')), exif)}", file=sys.stderr)
     return 0
