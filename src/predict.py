@@ -306,7 +306,9 @@ ARGUMENTS = ("ckpt", "image", "text", "out", "inputs", "output", "batch_size", "
 
 def parse_args(argv: Sequence[str], known: Sequence[str] = ARGUMENTS, usage: str | None = __doc__) -> dict[str, str]:
     """key=value arguments (the Hydra-like style of the other commands), each one of `known`; `usage` is printed
-    with a malformed one (src.demo parses its own arguments with this too)."""
+    with a malformed one (src.demo parses its own arguments with this too). Not Hydra's own parser: every value
+    here is a literal string, where Hydra's override grammar reads a phrase's commas as a sweep, its brackets as a
+    list and `yes` as a boolean, and `@hydra.main` would leave a run folder in the current directory per call."""
     args = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
