@@ -308,7 +308,8 @@ def parse_args(argv: Sequence[str], known: Sequence[str] = ARGUMENTS, usage: str
     """key=value arguments (the Hydra-like style of the other commands), each one of `known`; `usage` is printed
     with a malformed one (src.demo parses its own arguments with this too). Not Hydra's own parser: every value
     here is a literal string, where Hydra's override grammar reads a phrase's commas as a sweep, its brackets as a
-    list and `yes` as a boolean, and `@hydra.main` would leave a run folder in the current directory per call."""
+    list and `true` or `null` as no string at all, and `@hydra.main` would leave a run folder in the current
+    directory per call."""
     args = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
