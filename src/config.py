@@ -13,14 +13,18 @@ from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
 from src.errors import ConfigError
+from src.plugins import import_plugins
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
-    """The run configuration with `overrides` applied, as `python -m src.run` would see it."""
+    """The run configuration with `overrides` applied, as `python -m src.run` would see it: its `plugins`
+    imported (they register their methods and benchmarks)."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=False)
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=False)
+    import_plugins(cfg)
+    return cfg
 
 
 def checked_fields(cls: type, config: Mapping[str, Any] | None, what: str) -> dict[str, Any]:

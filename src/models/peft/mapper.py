@@ -14,6 +14,7 @@ from src.errors import ConfigError
 from src.models.encoders import ConditionSlot
 from src.models.peft.base import PeftMethod, PeftTarget
 from src.models.peft.injection import attach_text, attach_vision
+from src.models.peft.registry import Part, register_method
 
 
 class LoCA(nn.Module):
@@ -113,6 +114,7 @@ class PGT(nn.Module):
         return self.proj(torch.cat([text, prior.to(text.dtype)], dim=-1))
 
 
+@register_method("mapper")
 @dataclass
 class Mapper(PeftMethod):
     """MaPPER: LoCA beside the MLP of chosen ViT blocks, DyPA in chosen BERT layers, PGT after BERT.
@@ -143,6 +145,11 @@ class Mapper(PeftMethod):
     @property
     def uses_prior(self) -> bool:
         return self.prior and (self.dypa or self.pgt)
+
+    @property
+    def trains(self) -> frozenset[Part]:
+        switches = (("vision_layers", self.loca), ("text_layers", self.dypa), ("text_merge", self.pgt))
+        return frozenset(part for part, on in switches if on)
 
     def inject(self, target: PeftTarget) -> list[nn.Module]:
         vision, text, quirks = target.vision, target.text, target.quirks
