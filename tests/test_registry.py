@@ -52,8 +52,9 @@ def test_legacy_targets_are_the_registered_classes() -> None:
 def test_unknown_methods_and_settings_are_one_line_naming_the_key() -> None:
     with pytest.raises(Exception) as raised:  # Hydra wraps what the builder raises
         instantiate(compose(["peft=lora", "peft.method=nope"]).peft)
-    assert re.fullmatch(r"peft\.method='nope' is not a registered PEFT method; registered: adapter, adaptformer, "
-                        r"frozen, full, mapper, peft_library\..*plugins.*", str(as_user_error(raised.value)))
+    assert str(as_user_error(raised.value)).startswith(
+        f"peft.method='nope' is not a registered PEFT method; registered: {', '.join(sorted(registered_methods()))}. "
+        "A method of your own registers when its module is in `plugins`")
     with pytest.raises(Exception) as raised:
         instantiate(compose(["peft=mapper", "+peft.loca_hiden=3"]).peft)
     assert str(as_user_error(raised.value)).startswith(
@@ -85,6 +86,8 @@ def test_a_stored_method_name_imports_nothing_and_must_be_registered() -> None:
 def test_a_recipe_keeps_its_fingerprint_across_the_registry(name: str) -> None:
     """The same settings written before the registry (class as target, no names) give the same recipe."""
     config = resolved(compose([f"peft={name}"]))
+    if config["peft"]["method"] not in METHOD_CLASSES:
+        pytest.skip(f"{name} builds a method the suite did not have before the registry")
     old = copy.deepcopy(config) | {"peft": built_before_the_registry(config["peft"])}
     old["data"] = {k: v for k, v in old["data"].items() if k != "name"}
     old |= {"task_name": "train", "tags": ["default"]}
