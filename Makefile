@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 run: setup
 	$(PY) -m src.run $(ARGS)
 
+# Two pytest-xdist workers (TEST_WORKERS=1: one process); no .pytest_cache is written into the checkout.
+TEST_WORKERS ?= 2
 test: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider \
+		$(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal) $(PYTEST_ARGS)
 
 # Speed and memory per PEFT method (full-size MaPPER, random weights, each method in its own process).
 bench: setup

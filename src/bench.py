@@ -99,9 +99,9 @@ def timed(fn: Callable[[], Any], n: int, device: torch.device) -> list[float]:
 
 def measure_method(method: str, options: dict[str, str], overrides: list[str]) -> dict[str, Any]:
     """Train-step and eval-forward figures of one PEFT method (run in its own process)."""
+    from src.analysis.table import peak_memory_bytes, reset_peak_memory
     from src.config import compose, resolve_device
     from src.params import parameter_report
-    from src.results import peak_memory_bytes, reset_peak_memory
     from src.run import build_seeded_module
 
     cfg = compose([*MODEL_DEFAULTS, f"peft={method}", *overrides])

@@ -8,7 +8,7 @@ allowed beyond tensors and plain containers is `argparse.Namespace` (the officia
 
 The weights are renamed by `src.models.official.RULES`, loaded strictly into a randomly initialised
 `model.mode=official` grounder (no downloads), and written in the suite's checkpoint format
-(`src/checkpoints.py`: `{"state_dict": {"model.<key>": tensor}, "config": ..., ...}`, here with every
+(`src/storage/checkpoints.py`: `{"state_dict": {"model.<key>": tensor}, "config": ..., ...}`, here with every
 tensor, since the official frozen CLIP blocks are random and cannot be rebuilt) that
 `python -m src.run train=false ckpt_path=OUT ...` evaluates as the official-mode model it holds, plus
 `OUT` with suffix `.safetensors` holding the bare grounder weights and the same config as metadata.
@@ -30,7 +30,6 @@ import lightning
 import torch
 from safetensors.torch import save_file
 
-from src.checkpoints import CHECKPOINT_FORMAT, MODEL_PREFIX
 from src.errors import reported_errors
 from src.models.grounder import Grounder
 from src.models.official import (
@@ -41,6 +40,7 @@ from src.models.official import (
     infer_geometry,
     load_official,
 )
+from src.storage.checkpoints import CHECKPOINT_FORMAT, MODEL_PREFIX
 
 
 def read_official_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

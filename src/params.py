@@ -3,7 +3,8 @@
 tunable_backbone: parameters of the PEFT modules inside or beside the backbones (MaPPER: DyPA, LoCA and
 PGT; LoRA/adapter weights for the baselines; the whole backbones for full fine-tuning).
 backbone_total: the standard released architectures at the configured sizes, BERT with its pooler and
-token-type table plus DINOv2 without registers but with its mask token; the CLIP prior is excluded.
+token-type table plus DINOv2 without registers but with its mask token; the CLIP prior is excluded
+(src/models/reference.py, which counts any other backbone pair the same way).
 
 Run as `python -m src.params [hydra overrides]` to print the report as JSON (built on the meta
 device: no weights are allocated or downloaded).
@@ -13,39 +14,11 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 
-import timm
 import torch
 from torch import nn
-from transformers import BertModel
 
-from src.models.encoders import TextSettings, VisionSettings, bert_config
-
-
-@dataclass(frozen=True)
-class BackboneReference:
-    """The backbone architectures a grounder was built from, for counting the paper's denominator."""
-
-    vision: VisionSettings
-    text: TextSettings
-    image_size: int
-
-    def size(self) -> int:
-        """Parameters of standard BERT (with pooler) + DINOv2 (no registers, with mask token)."""
-        with torch.device("meta"):
-            bert = BertModel(bert_config(self.text), add_pooling_layer=True)
-            vit = timm.create_model(
-                self.vision.arch, pretrained=False, img_size=self.image_size, num_classes=0,
-                **{**self.vision.overrides(), "reg_tokens": 0, "no_embed_class": False},
-            )
-        # DINOv2's released model carries a mask token (used in its pretraining) that timm omits.
-        return count(bert) + count(vit) + vit.embed_dim
-
-
-def count(module: nn.Module, trainable: bool | None = None) -> int:
-    """Number of parameters, optionally only the trainable (True) or frozen (False) ones."""
-    return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
+from src.models.reference import count
 
 
 def parameter_report(model: nn.Module) -> dict[str, float | int | str]:

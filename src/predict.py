@@ -32,8 +32,6 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import box_iou
 
-from src.backbone_pretraining import apply_backbone_pretraining
-from src.checkpoints import load_into, read_checkpoint
 from src.config import compose, resolve_device
 from src.data.benchmarks import BOX_FORMATS
 from src.data.dataset import clip_to_image
@@ -42,9 +40,11 @@ from src.data.problems import BadRecordError, check_policy
 from src.data.readers import SplitFileError, jsonl_header_format, jsonl_objects, to_xyxy
 from src.data.transforms import CanvasMeta, EvalTransform
 from src.errors import reported_errors
-from src.lit import GroundingModule
+from src.pretraining.stages import apply_backbone_pretraining
 from src.run import adopt_checkpoint_model, build_seeded_module
-from src.trust import check_stored_config
+from src.storage.checkpoints import load_into, read_checkpoint
+from src.storage.trust import check_stored_config
+from src.training.lit import GroundingModule
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     logging.basicConfig(level=logging.WARNING)
-    for stage in ("src.pretrain_vision", "src.pretrain_text"):  # minutes when the pretraining cache is missing
+    for stage in ("src.pretraining.vision", "src.pretraining.text"):  # minutes when the pretraining cache is missing
         logging.getLogger(stage).setLevel(logging.INFO)  # their progress lines go to stderr; stdout keeps the boxes
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if "ckpt" not in args or not (("image" in args and "text" in args) or "inputs" in args):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -22,16 +22,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
-from src.backbone_pretraining import apply_backbone_pretraining
-from src.checkpoints import load_checkpoint_file, load_into, read_stored
-from src.errors import ConfigError, as_user_error, reported_errors
-from src.lit import GroundingModule, OverflowGuard
-from src.loggers import finish_wandb
-from src.models.peft.registry import current_form
-from src.params import format_report, parameter_report
-from src.plugins import import_plugins
-from src.report import prediction_grid, print_table, split_metrics, write_results
-from src.results import (
+from src.analysis.samples import SAMPLES_FILE, SplitSamples, hit_record, write_samples
+from src.analysis.table import (
     append_result,
     hydra_choices,
     in_multirun,
@@ -40,9 +32,17 @@ from src.results import (
     results_file,
     weights_digest,
 )
-from src.resume import resume_last_run
-from src.samples import SAMPLES_FILE, SplitSamples, hit_record, write_samples
-from src.trust import check_stored_config
+from src.config import import_plugins
+from src.errors import ConfigError, as_user_error, reported_errors
+from src.models.peft.registry import current_form
+from src.params import format_report, parameter_report
+from src.pretraining.stages import apply_backbone_pretraining
+from src.storage.checkpoints import StoredCheckpoint, load_checkpoint_file, load_into, read_stored
+from src.storage.trust import check_stored_config
+from src.training.lit import GroundingModule, OverflowGuard
+from src.training.loggers import finish_wandb
+from src.training.report import prediction_grid, print_table, split_metrics, write_results
+from src.training.resume import resume_last_run
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ def adopt_checkpoint_model(cfg: DictConfig, stored: dict, source: str, choices: 
     the checkpoint records (`choices`).
 
     The stored settings are data: they may only name the suite's own classes and registered methods (or
-    those configured here) and hold plain values (`src.trust`); anything else is refused before it is used."""
+    those configured here) and hold plain values (`src.storage.trust`); anything else is refused before it
+    is used."""
     if not stored:
         log.warning("the checkpoint carries no config: evaluating it with the model configured here")
         return
@@ -259,89 +260,151 @@ def run(cfg: DictConfig) -> float | None:
 
 
 def train_and_test(cfg: DictConfig, progress: RunProgress) -> float | None:
-    """The body of `run`: everything but failure handling and closing the W&B run."""
+    """The body of `run` as named steps: everything but failure handling and closing the W&B run."""
     start = time.perf_counter()
     reset_peak_memory()
-    if cfg.get("ckpt_path") == "last":  # continue that run, in its own folder (best-checkpoint tracking included)
+    evaluated = prepare(cfg)
+    datamodule, module = build_parts(cfg, evaluated, progress)
+    trainer = progress.trainer = build_trainer(cfg, module)
+    for logger in trainer.loggers:  # W&B: the run's config panel; CSV: hparams.yaml
+        logger.log_hyperparams({"config": resolved(cfg), "parameters": progress.params})
+    fitted = fit(cfg, trainer, module, datamodule)
+    tested = run_test_loops(cfg, trainer, module, datamodule, fitted.best_checkpoint)
+    problems = data_problems(datamodule, module)  # gathers over processes: every rank takes part
+    value = optimized_value(cfg, trainer, fitted.best_score, fitted.logged | tested.logged)
+    if trainer.is_global_zero:
+        if cfg.test:
+            show_test(cfg, module, datamodule, tested)
+        report(cfg, trainer, module, progress.params, evaluated, fitted, tested, problems,
+               round(time.perf_counter() - start, 2))
+    return value
+
+
+def prepare(cfg: DictConfig) -> StoredCheckpoint | None:
+    """Settle where the run goes and what it is: `ckpt_path=last` continues that run in its own folder; an
+    evaluation (`train=false ckpt_path=...`) takes its model from the checkpoint, which it returns."""
+    if cfg.get("ckpt_path") == "last":
         resume_last_run(cfg, resolved(cfg))
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    evaluate_only = bool(cfg.get("ckpt_path")) and not cfg.train
-    if evaluate_only:  # the checkpoint decides the model; its frozen backbones are rebuilt below
-        stored = read_stored(cfg.ckpt_path)
-        adopt_checkpoint_model(cfg, stored.config, str(cfg.ckpt_path), stored.choices)
+    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+    if not cfg.get("ckpt_path") or cfg.train:
+        return None
+    stored = read_stored(cfg.ckpt_path)
+    adopt_checkpoint_model(cfg, stored.config, str(cfg.ckpt_path), stored.choices)
+    return stored
+
+
+def build_parts(
+    cfg: DictConfig, evaluated: StoredCheckpoint | None, progress: RunProgress
+) -> tuple[L.LightningDataModule, GroundingModule]:
+    """The data, the backbones' pretraining stages (cached) and the seeded model, with an evaluated
+    checkpoint's weights; records the parameter report in `progress`."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     apply_backbone_pretraining(cfg, datamodule)
     module = build_seeded_module(cfg)
-    if evaluate_only:
-        load_into(module.model, stored.state, stored.fingerprint, str(cfg.ckpt_path))
-    params = progress.params = parameter_report(module.model)
-    log.info(format_report(params))
-    trainer = progress.trainer = build_trainer(cfg, module)
-    for logger in trainer.loggers:  # W&B: the run's config panel; CSV: hparams.yaml
-        logger.log_hyperparams({"config": resolved(cfg), "parameters": params})
+    if evaluated is not None:
+        load_into(module.model, evaluated.state, evaluated.fingerprint, str(cfg.ckpt_path))
+    progress.params = parameter_report(module.model)
+    log.info(format_report(progress.params))
+    return datamodule, module
 
-    best_ckpt, best_score = None, None
-    if cfg.train:
-        if cfg.get("ckpt_path"):  # an unsafe or unreadable file gets the suite's message, not Lightning's
-            load_checkpoint_file(cfg.ckpt_path)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-        checkpoint = trainer.checkpoint_callback
-        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
-            best_ckpt = checkpoint.best_model_path
-            best_score = best_model_score(checkpoint)
-        elif "val/acc50" in trainer.callback_metrics:
-            best_score = float(trainer.callback_metrics["val/acc50"])
-    logged = logged_metrics(trainer)
 
-    splits, shuffled, samples = {}, {}, {}
-    if cfg.test:
-        datamodule.trainer = trainer  # its loaders then split the samples exactly over the processes
-        datamodule.setup("test")
-        names = list(datamodule.test_split_names)
-        loaders = datamodule.test_dataloader()
-        splits = evaluate_splits(trainer, module, loaders, names, best_ckpt)
-        logged |= logged_metrics(trainer)
-        samples = split_samples(module, loaders, names, splits)
-        if cfg.shuffled_text_check:
-            loaders = [datamodule.shuffled_text_dataloader(n) for n in names]
-            scores = evaluate_splits(trainer, module, loaders, [f"{n}_shuffled_text" for n in names], None)
-            shuffled = {n: {"acc50": scores[f"{n}_shuffled_text"]["acc50"]} for n in names}
-    problems = data_problems(datamodule, module)  # gathers over processes: every rank takes part
-    value = optimized_value(cfg, trainer, best_score, logged)
-    if not trainer.is_global_zero:
-        return value
-    if cfg.test:
-        if cfg.visualize:
-            draw_predictions(module, datamodule.test_dataloader()[0], int(cfg.visualize), out_dir / "predictions.png")
-        print_table(splits, shuffled)
-    config = resolved(cfg)
-    wall = round(time.perf_counter() - start, 2)
+@dataclass
+class Fitted:
+    """What training left: the best checkpoint, its monitored score and the metrics last logged."""
+
+    best_checkpoint: str | None = None
+    best_score: float | None = None
+    logged: dict[str, float] = field(default_factory=dict)
+
+
+def fit(cfg: DictConfig, trainer: L.Trainer, module: GroundingModule, datamodule: L.LightningDataModule) -> Fitted:
+    """Train (or continue from `ckpt_path`) when `train` is on, keeping the best checkpoint by its monitor."""
+    if not cfg.train:
+        return Fitted()
+    if cfg.get("ckpt_path"):  # an unsafe or unreadable file gets the suite's message, not Lightning's
+        load_checkpoint_file(cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    fitted = Fitted(logged=logged_metrics(trainer))
+    checkpoint = trainer.checkpoint_callback
+    if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
+        fitted.best_checkpoint = checkpoint.best_model_path
+        fitted.best_score = best_model_score(checkpoint)
+    elif "val/acc50" in fitted.logged:
+        fitted.best_score = fitted.logged["val/acc50"]
+    return fitted
+
+
+@dataclass
+class Tested:
+    """What testing measured: per-split metrics, the shuffled-text control, per-sample outcomes, logged keys."""
+
+    splits: dict = field(default_factory=dict)
+    shuffled: dict = field(default_factory=dict)
+    samples: dict[str, SplitSamples] = field(default_factory=dict)
+    logged: dict[str, float] = field(default_factory=dict)
+
+
+def run_test_loops(
+    cfg: DictConfig, trainer: L.Trainer, module: GroundingModule, datamodule: L.LightningDataModule,
+    best_checkpoint: str | None,
+) -> Tested:
+    """Test the best checkpoint (else the current weights) on every test split, then with the expressions
+    shuffled across samples when `shuffled_text_check` is on."""
+    if not cfg.test:
+        return Tested()
+    datamodule.trainer = trainer  # its loaders then split the samples exactly over the processes
+    datamodule.setup("test")
+    names = list(datamodule.test_split_names)
+    loaders = datamodule.test_dataloader()
+    splits = evaluate_splits(trainer, module, loaders, names, best_checkpoint)
+    tested = Tested(splits=splits, samples=split_samples(module, loaders, names, splits),
+                    logged=logged_metrics(trainer))
+    if cfg.shuffled_text_check:
+        loaders = [datamodule.shuffled_text_dataloader(n) for n in names]
+        scores = evaluate_splits(trainer, module, loaders, [f"{n}_shuffled_text" for n in names], None)
+        tested.shuffled = {n: {"acc50": scores[f"{n}_shuffled_text"]["acc50"]} for n in names}
+    return tested
+
+
+def show_test(cfg: DictConfig, module: GroundingModule, datamodule: L.LightningDataModule, tested: Tested) -> None:
+    """The test table on the console and, with `visualize`, predictions.png of the first test samples."""
+    if cfg.visualize:
+        draw_predictions(module, datamodule.test_dataloader()[0], int(cfg.visualize),
+                         Path(cfg.paths.output_dir) / "predictions.png")
+    print_table(tested.splits, tested.shuffled)
+
+
+def report(
+    cfg: DictConfig, trainer: L.Trainer, module: GroundingModule, params: dict, evaluated: StoredCheckpoint | None,
+    fitted: Fitted, tested: Tested, problems: dict, wall: float,
+) -> None:
+    """results.json, the per-sample record and the run's line in the results table."""
+    out_dir, config = Path(cfg.paths.output_dir), resolved(cfg)
     write_results(out_dir / "results.json", {
         "status": "ok",
-        "splits": splits,
-        "shuffled_text": shuffled,
+        "splits": tested.splits,
+        "shuffled_text": tested.shuffled,
         "wall_seconds": wall,
-        "best_val_acc50": best_score,
-        "best_checkpoint": best_ckpt,
+        "best_val_acc50": fitted.best_score,
+        "best_checkpoint": fitted.best_checkpoint,
         "data_problems": problems,
         "quirks": module.model.quirks.as_dict(),
         "parameters": params,
         "config": config,
     })
-    if samples:
-        write_samples(out_dir / SAMPLES_FILE, samples)
-    evaluated = {"checkpoint_config": stored.config, "weights": weights_digest(stored.state)} if evaluate_only else {}
+    if tested.samples:
+        write_samples(out_dir / SAMPLES_FILE, tested.samples)
+    checkpoint = {"checkpoint_config": evaluated.config, "weights": weights_digest(evaluated.state)} if evaluated \
+        else {}
     row = result_row(
-        config, choices=run_choices(cfg, stored.choices if evaluate_only else None), params=params, splits=splits,
-        shuffled=shuffled, best_val=best_score,
-        checkpoint=best_ckpt or cfg.get("ckpt_path"), wall_seconds=wall, output_dir=out_dir,
-        processes=trainer.world_size, sample_hits={n: hit_record(s) for n, s in samples.items()}, **evaluated,
+        config, choices=run_choices(cfg, evaluated.choices if evaluated else None), params=params,
+        splits=tested.splits, shuffled=tested.shuffled, best_val=fitted.best_score,
+        checkpoint=fitted.best_checkpoint or cfg.get("ckpt_path"), wall_seconds=wall, output_dir=out_dir,
+        processes=trainer.world_size, sample_hits={n: hit_record(s) for n, s in tested.samples.items()}, **checkpoint,
     )
     table = append_result(results_file(out_dir), row)
     log.info("results written to %s (and a line in %s)", out_dir / "results.json", table)
-    return value
 
 
 def logged_metrics(trainer: L.Trainer) -> dict[str, float]:

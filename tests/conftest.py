@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,12 +20,26 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 def pytest_configure(config: pytest.Config) -> None:
     """Tests leave no trace in the checkout: run folders (outputs/, multirun/) and caches (the synthetic
-    benchmark, pretraining stages) go to one temporary folder per session, removed when it ends.
-    Made here, not at import, so modules importing `tests.conftest` for its constants make no folder."""
-    scratch = tempfile.mkdtemp(prefix="rec-tests-")
-    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-    os.environ.setdefault("REC_RUNS_ROOT", os.path.join(scratch, "runs"))
+    benchmark, pretraining stages) go to one temporary folder per session, removed when it ends. Made here,
+    not at import, so modules importing `tests.conftest` for its constants make no folder.
+
+    Under pytest-xdist (`make test` runs two workers) the workers share the controller's folder and its cache
+    (cache entries are built under a lock), each with run folders of its own: Hydra names them by the second,
+    so two workers' CLI runs could otherwise meet in one folder. Each worker's torch then takes its share of
+    the cores, as do the processes it starts (OMP_NUM_THREADS)."""
+    scratch = os.environ.get("REC_TESTS_SCRATCH")
+    if scratch is None:
+        scratch = tempfile.mkdtemp(prefix="rec-tests-")
+        os.environ["REC_TESTS_SCRATCH"] = scratch
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    os.environ["REC_RUNS_ROOT"] = os.path.join(scratch, f"runs-{worker}" if worker else "runs")
     os.environ.setdefault("REC_CACHE_DIR", os.path.join(scratch, "cache"))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from src.losses import GroundingLoss
+from src.training.losses import GroundingLoss
 
 
 class NaNLossOnRank(GroundingLoss):

@@ -16,11 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from src import predict
-from src.checkpoints import export_safetensors, read_checkpoint
 from src.config import CONFIG_DIR, compose
 from src.errors import UnsafeFileError, as_user_error
 from src.run import build_seeded_module, run
-from src.trust import TRUSTED_TARGETS, check_stored_config
+from src.storage.checkpoints import export_safetensors, read_checkpoint
+from src.storage.trust import TRUSTED_TARGETS, check_stored_config
 from tests.test_checkpoints import save
 
 # A callable that writes a file of the caller's choosing: what an attacker's `_target_` would name.

@@ -9,7 +9,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from src.checkpoints import (
+from src.analysis.table import RESULTS_NAME, summarise
+from src.config import compose
+from src.methods import method_names
+from src.run import build_module, run
+from src.storage.checkpoints import (
     CHECKPOINT_FORMAT,
     CheckpointMismatchError,
     export_safetensors,
@@ -17,10 +21,6 @@ from src.checkpoints import (
     read_checkpoint,
     trainable_state,
 )
-from src.config import compose
-from src.methods import method_names
-from src.results import RESULTS_NAME, summarise
-from src.run import build_module, run
 from tests.conftest import TINY_MODEL, at_test_size
 from tests.test_default_job import TINY_JOB
 from tests.test_model import inputs

@@ -20,12 +20,12 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from src.checkpoints import read_checkpoint, trainable_state
+from src.analysis.samples import SAMPLES_FILE, read_samples
+from src.analysis.table import RESULTS_NAME
 from src.config import compose
 from src.methods import method_names
-from src.results import RESULTS_NAME
 from src.run import build_seeded_module, trainer_settings
-from src.samples import SAMPLES_FILE, read_samples
+from src.storage.checkpoints import read_checkpoint, trainable_state
 from tests.test_checkpoints import module_for, save
 from tests.test_datamodule import make_benchmark_root, make_referit_root
 from tests.test_model import inputs
@@ -263,7 +263,7 @@ def _build_with_a_count(cache: str, marker: str) -> str:
     """One of several processes asking for the same cache entry; each build leaves a line in `marker`."""
     import time
 
-    from src.weights_cache import cached_state_dict
+    from src.storage.weights_cache import cached_state_dict
 
     def train() -> dict[str, torch.Tensor]:
         with open(marker, "a") as f:

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.checkpoints import read_checkpoint
 from src.config import compose
-from src.lit import GroundingModule, NonFiniteError, OverflowGuard, grad_scaler
-from src.losses import GroundingLoss
 from src.run import run
+from src.storage.checkpoints import read_checkpoint
+from src.training.lit import GroundingModule, NonFiniteError, OverflowGuard, grad_scaler
+from src.training.losses import GroundingLoss
 from tests.test_default_job import TINY_JOB
 
 # Lightning turns `16-mixed` into bf16 on CPU, so the tests give it fp16 autocast with a real GradScaler.
@@ -60,7 +60,7 @@ def overflow_at(steps: set[int] | None, monkeypatch: pytest.MonkeyPatch) -> dict
 
 def test_overflowing_steps_are_skipped_and_training_goes_on(tmp_path: Path, monkeypatch, caplog):
     seen = overflow_at({2, 3}, monkeypatch)
-    with caplog.at_level(logging.INFO, logger="src.lit"):
+    with caplog.at_level(logging.INFO, logger="src.training.lit"):
         run(fp16_job(tmp_path))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     scales = seen["scales"]

@@ -23,7 +23,6 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from src import predict
-from src.checkpoints import read_checkpoint
 from src.config import compose
 from src.data import check
 from src.data.datamodule import GroundingDataModule
@@ -35,6 +34,7 @@ from src.data.records import Record
 from src.data.tokenizers import bert_tokenizer, clip_tokenizer
 from src.data.transforms import EvalTransform
 from src.run import build_seeded_module, run
+from src.storage.checkpoints import read_checkpoint
 from tests.test_checkpoints import save
 from tests.test_datamodule import make_dm, make_referit_root
 from tests.test_default_job import TINY_JOB

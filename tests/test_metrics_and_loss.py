@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.losses import GroundingLoss
-from src.metrics import GroundingAccuracy, canvas_iou
+from src.training.losses import GroundingLoss
+from src.training.metrics import GroundingAccuracy, canvas_iou
 
 
 def boxes(*rows):

@@ -56,7 +56,7 @@ def test_official_mode_drops_registers_and_keeps_geometry():
 def test_clean_adapters_start_as_exact_no_ops():
     model = tiny().eval()
     plain = copy.deepcopy(model)
-    for block in plain.vision.blocks:
+    for block in plain.vision.layers:
         if isinstance(block.mlp, AdaptedMlp):
             block.mlp = block.mlp.mlp
     for layer in plain.text.layers:
@@ -67,7 +67,7 @@ def test_clean_adapters_start_as_exact_no_ops():
     assert torch.equal(a["visual"], plain.vision(x["image"]))
     assert torch.allclose(a["bert"], b, atol=1e-6)
     official = tiny("official").eval()
-    assert official.vision.blocks[1].mlp.adapter.fc2.weight.abs().sum() > 0  # official LoCA is not zero-init
+    assert official.vision.layers[1].mlp.adapter.fc2.weight.abs().sum() > 0  # official LoCA is not zero-init
 
 
 def test_patch_padding_clean_needs_whole_patch_official_uses_top_left_pixel():
@@ -286,7 +286,7 @@ def test_checkpointing_gives_the_same_step(peft, checkpointing, extra):
         module.model.train()
         calls = {2: [], 3: []}
         for index, seen in calls.items():
-            module.model.vision.blocks[index].attn.register_forward_hook(lambda *_, seen=seen: seen.append(1))
+            module.model.vision.layers[index].attn.register_forward_hook(lambda *_, seen=seen: seen.append(1))
         torch.manual_seed(5)
         loss = module.loss(module(inputs()).boxes, torch.tensor([[0.5, 0.5, 0.2, 0.3]] * B))["loss"]
         loss.backward()

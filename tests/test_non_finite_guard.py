@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.checkpoints import read_checkpoint
 from src.config import compose
-from src.lit import NonFiniteError
-from src.losses import GroundingLoss
 from src.run import run
+from src.storage.checkpoints import read_checkpoint
+from src.training.lit import NonFiniteError
+from src.training.losses import GroundingLoss
 from tests.test_default_job import TINY_JOB
 
 
@@ -54,7 +54,7 @@ def test_nan_loss_stops_the_run_naming_step_images_and_terms(tmp_path: Path, mon
 
 
 def test_nan_gradient_stops_before_the_weights_change(tmp_path: Path, monkeypatch):
-    from src.lit import GroundingModule
+    from src.training.lit import GroundingModule
 
     original = GroundingModule.on_train_start
 

@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file
 
 import src.convert_official as cli
-from src.lit import GroundingModule
 from src.models.grounder import build_grounder
 from src.models.official import (
     OfficialCheckpointError,
@@ -26,6 +25,7 @@ from src.models.official import (
     load_official,
 )
 from src.models.peft.mapper import Mapper
+from src.training.lit import GroundingModule
 from tests.conftest import TINY_MODEL
 from tests.parity_recipe import load_manifest, recipe_inputs, recipe_state_dict, zeros_state_dict
 
@@ -254,7 +254,7 @@ def test_cli_end_to_end_on_the_manifest(tmp_path: Path, manifest, monkeypatch, c
     assert {"model." + k for k in bare} == set(state)
     assert torch.equal(bare["reg_token.weight"], official["reg_token.weight"])
     # The suite's checkpoint format: the config that rebuilds this model, every tensor stored.
-    from src.checkpoints import CHECKPOINT_FORMAT, read_checkpoint
+    from src.storage.checkpoints import CHECKPOINT_FORMAT, read_checkpoint
 
     assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["frozen_fingerprint"] == {}
     model_cfg = ckpt["config"]["model"]

@@ -23,9 +23,9 @@ from torch import nn
 
 from src.config import compose
 from src.convert_official import convert_official
-from src.lit import GroundingModule
-from src.losses import GroundingLoss
 from src.models.official import convert_state_dict
+from src.training.lit import GroundingModule
+from src.training.losses import GroundingLoss
 from tests.parity_recipe import load_manifest, recipe_inputs, recipe_state_dict
 from tests.test_official_parity import PARITY_DIR, _needed, two_threads  # noqa: F401 (fixture)
 

@@ -148,8 +148,8 @@ def test_rank_sweeps_every_method_with_a_rank_the_same_way():
         cfg = compose([f"peft={name}", "peft.rank=4"])
         assert instantiate(cfg.peft).rank == 4
     four, eight = tiny_with("lora", "peft.rank=4"), tiny_with("lora", "peft.rank=8")
-    a4 = four.vision.blocks[1].attn.qkv.lora_A["default"].weight
-    assert a4.shape[0] == 4 and eight.vision.blocks[1].attn.qkv.lora_A["default"].weight.shape[0] == 8
+    a4 = four.vision.layers[1].attn.qkv.lora_A["default"].weight
+    assert a4.shape[0] == 4 and eight.vision.layers[1].attn.qkv.lora_A["default"].weight.shape[0] == 8
     assert tiny_with("adapter", "peft.rank=4").text.layers[1].output.adapter.down.out_features == 4
 
 
@@ -201,14 +201,14 @@ def test_frozen_backbone_attention_dropout_is_off_in_clean_mode_and_on_in_offici
 def test_bottleneck_placements():
     adapter = build_grounder(Adapter(rank=4), **TINY_MODEL)
     former = build_grounder(AdaptFormer(rank=4), **TINY_MODEL)
-    assert adapter.vision.blocks[1].mlp.placement == "serial" and adapter.text.layers[1].output.placement == "serial"
-    assert former.vision.blocks[1].mlp.placement == "parallel" and former.text.layers[1].output.placement == "parallel"
-    assert former.vision.blocks[1].mlp.adapter.scale == pytest.approx(0.1)
+    assert adapter.vision.layers[1].mlp.placement == "serial" and adapter.text.layers[1].output.placement == "serial"
+    assert former.vision.layers[1].mlp.placement == "parallel" and former.text.layers[1].output.placement == "parallel"
+    assert former.vision.layers[1].mlp.adapter.scale == pytest.approx(0.1)
     # a non-zero adapter changes a serial and a parallel block differently (each reads its own input)
     for model in (adapter, former):
-        torch.nn.init.normal_(model.vision.blocks[1].mlp.adapter.up.weight)
+        torch.nn.init.normal_(model.vision.layers[1].mlp.adapter.up.weight)
     u = torch.randn(1, 5, 32)
-    block_a, block_f = adapter.vision.blocks[1].mlp, former.vision.blocks[1].mlp
+    block_a, block_f = adapter.vision.layers[1].mlp, former.vision.layers[1].mlp
     m = block_a.mlp(u)
     torch.testing.assert_close(block_a(u), m + block_a.adapter(m))
     torch.testing.assert_close(block_f(u), block_f.mlp(u) + block_f.adapter(u))

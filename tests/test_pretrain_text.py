@@ -1,4 +1,4 @@
-"""The cached synthetic pretraining stage for random text towers (src/pretrain_text.py)."""
+"""The cached synthetic pretraining stage for random text towers (src/pretraining/text.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import torch
 
 from src.data.synthetic import ensure_synthetic, record_attributes, split_path
 from src.data.tokenizers import bert_tokenizer, clip_tokenizer
-from src.models.encoders import PriorSettings, TextSettings, build_bert, build_clip_text
-from src.pretrain_text import (
+from src.models.encoders import PriorSettings, TextSettings, build_clip_text, build_text
+from src.pretraining.text import (
     TextPretraining,
-    bert_tower,
     clip_tower,
     ensure_pretrained_text,
     expression_fields,
     phrase_labels,
+    text_tower,
     train_tokens,
 )
 
@@ -29,7 +29,7 @@ def corpus(tmp_path: Path, scenes: int = 8) -> Path:
 
 
 def tiny_bert():
-    return bert_tower(TextSettings(config=BERT))
+    return text_tower(TextSettings(config=BERT))
 
 
 def test_expression_fields_flatten_the_structure_without_the_surface_form():
@@ -78,7 +78,7 @@ def test_stage_trains_once_caches_and_loads_into_both_towers(tmp_path: Path):
     other = ensure_pretrained_text(root, "bert", BERT, tiny_bert, bert_tokenizer(), MAX_LEN,
                                    TextPretraining(steps=3, batch_size=4), cache)
     assert other != path
-    loaded = build_bert(TextSettings(config=BERT, init_checkpoint=str(path)), pretrained=False, token_type=True)
+    loaded = build_text(TextSettings(config=BERT, init_checkpoint=str(path)), pretrained=False, token_type=True)
     saved = torch.load(path, weights_only=True)
     assert torch.equal(loaded.embeddings.word_embeddings.weight, saved["embeddings.word_embeddings.weight"])
 

@@ -1,4 +1,4 @@
-"""The cached synthetic pretraining stage for random ViTs (src/pretrain_vision.py)."""
+"""The cached synthetic pretraining stage for random ViTs (src/pretraining/vision.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from src.data.synthetic import COLOURS, SHAPES, ensure_synthetic, record_attributes, split_path
 from src.models.encoders import VisionSettings, build_vit
-from src.pretrain_vision import VisionPretraining, ensure_pretrained_vit, patch_targets
+from src.pretraining.vision import VisionPretraining, ensure_pretrained_vit, patch_targets
 
 VISION = dict(arch="vit_small_patch14_reg4_dinov2", patch_size=16, embed_dim=32, depth=2, num_heads=2,
               reg_tokens=4, init_values=1.0, random_pos_embed="sincos")

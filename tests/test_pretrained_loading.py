@@ -8,7 +8,7 @@ import timm
 import torch
 from transformers import BertModel, CLIPTextModelWithProjection
 
-from src.models.encoders import PriorSettings, TextSettings, bert_config, clip_config
+from src.models.encoders import PriorSettings, TextSettings, clip_config, text_config
 from src.models.grounder import build_grounder
 from src.models.peft.mapper import Mapper
 from tests.conftest import TINY_MODEL
@@ -23,7 +23,7 @@ def save_backbones(tmp_path: Path) -> dict[str, object]:
     vit = timm.create_model(vision["arch"], pretrained=False, img_size=TINY_MODEL["image_size"], num_classes=0,
                             **{k: v for k, v in vision.items() if k != "arch"})
     torch.save(vit.state_dict(), tmp_path / "vit.pth")
-    bert = BertModel(bert_config(TextSettings(**TINY_MODEL["text"])), add_pooling_layer=False)
+    bert = BertModel(text_config(TextSettings(**TINY_MODEL["text"])), add_pooling_layer=False)
     bert.save_pretrained(tmp_path / "bert")
     clip = CLIPTextModelWithProjection(clip_config(PriorSettings(**TINY_MODEL["prior"])))
     clip.save_pretrained(tmp_path / "clip")

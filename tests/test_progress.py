@@ -17,11 +17,11 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from PIL import Image
 
 from src import progress
-from src.callbacks import ProgressLog
 from src.data.check import check_images
 from src.data.dataset import CachedSamples, RecordDataset
 from src.data.records import Record
-from src.pretrain_vision import VisionPretraining, ensure_pretrained_vit
+from src.pretraining.vision import VisionPretraining, ensure_pretrained_vit
+from src.training.callbacks import ProgressLog
 from tests.conftest import PROJECT_ROOT
 from tests.test_default_job import TINY_JOB
 from tests.test_pretrain_vision import SIZE, VISION, synthetic
@@ -68,7 +68,7 @@ def test_durations_read_like_a_person_would_write_them() -> None:
 
 def test_the_pretraining_stage_logs_steps_losses_and_time_left(tmp_path: Path, monkeypatch, caplog) -> None:
     monkeypatch.setattr(progress, "EVERY_S", 0.0)  # a line per step
-    caplog.set_level(logging.INFO, logger="src.pretrain_vision")
+    caplog.set_level(logging.INFO, logger="src.pretraining.vision")
     ensure_pretrained_vit(synthetic(tmp_path), VISION, SIZE, VisionPretraining(steps=3, batch_size=4), tmp_path / "c")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("vision pretraining: ")]
     assert len(lines) == 3 + 1  # one per step, then the stage's summary
@@ -106,7 +106,7 @@ def test_training_lines_leave_a_terminal_with_the_rich_bar_alone(monkeypatch) ->
 
 
 def test_long_evaluation_loops_report_batches_done(caplog) -> None:
-    caplog.set_level(logging.INFO, logger="src.callbacks")
+    caplog.set_level(logging.INFO, logger="src.training.callbacks")
     callback = ProgressLog(every_s=1e-9, active="always")  # a line per batch
     trainer = SimpleNamespace(is_global_zero=True, progress_bar_callback=None, num_test_batches=[2, 3],
                               num_val_batches=[float("inf")], sanity_checking=False)

@@ -16,13 +16,13 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from src import predict
-from src.config import compose
+from src.analysis.table import METHOD_CLASSES, RESULTS_NAME, recipe_id, run_recipe
+from src.config import LEGACY_METHOD_TARGETS, METHOD_BUILDER, compose
 from src.errors import ConfigError, UnsafeFileError, as_user_error
 from src.methods import facts, markdown, method_names
-from src.models.peft.registry import BUILDER, LEGACY_TARGETS, register_method, registered_methods
-from src.results import METHOD_CLASSES, RESULTS_NAME, recipe_id, run_recipe
+from src.models.peft.registry import build_method, register_method, registered_methods
 from src.run import build_seeded_module, resolved, run
-from src.trust import check_stored_config
+from src.storage.trust import check_stored_config
 from tests.test_checkpoints import save
 from tests.test_default_job import TINY_JOB
 
@@ -39,13 +39,14 @@ def built_before_the_registry(peft: dict) -> dict:
 @pytest.mark.parametrize("name", method_names())
 def test_every_method_config_names_itself_and_builds_a_registered_method(name: str) -> None:
     cfg = compose([f"peft={name}"])
-    assert cfg.peft._target_ == BUILDER and cfg.peft.name == name
+    assert cfg.peft._target_ == METHOD_BUILDER and cfg.peft.name == name
     assert type(instantiate(cfg.peft)) is registered_methods()[cfg.peft.method]
 
 
-def test_legacy_targets_are_the_registered_classes() -> None:
+def test_the_builder_and_legacy_targets_are_the_registrys() -> None:
+    assert _locate(METHOD_BUILDER) is build_method
     methods = registered_methods()
-    for target, method in LEGACY_TARGETS.items():
+    for target, method in LEGACY_METHOD_TARGETS.items():
         assert _locate(target) is methods[method], target
 
 
@@ -74,11 +75,11 @@ def test_plugins_must_be_importable_module_names() -> None:
 
 
 def test_a_stored_method_name_imports_nothing_and_must_be_registered() -> None:
-    stored = {"peft": {"_target_": BUILDER, "name": "x", "method": "os.system"}}
+    stored = {"peft": {"_target_": METHOD_BUILDER, "name": "x", "method": "os.system"}}
     with pytest.raises(UnsafeFileError, match=r"`peft.method` names 'os.system', which is not a registered PEFT "
                                               r"method .*: nothing was imported.*plugins"):
         check_stored_config(stored, ["peft"], {}, "x.ckpt")
-    for target in LEGACY_TARGETS:  # what checkpoints named before the registry
+    for target in LEGACY_METHOD_TARGETS:  # what checkpoints named before the registry
         check_stored_config({"peft": {"_target_": target}}, ["peft"], {}, "x.ckpt")
 
 

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from src.data.resumable import ResumableLoader, ResumableSampler
 from src.errors import ConfigError
-from src.loggers import ContinuedCSVLogger, wandb_logger
-from src.resume import check_processes, comparable, find_last_checkpoint, move_invocation
+from src.training.loggers import ContinuedCSVLogger, wandb_logger
+from src.training.resume import check_processes, comparable, find_last_checkpoint, move_invocation
 from tests.conftest import PROJECT_ROOT
 from tests.test_default_job import TINY_JOB
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.schedules import one_cycle, warmup_cosine
+from src.training.schedules import one_cycle, warmup_cosine
 
 
 def lrs(total: int, **kwargs) -> list[float]:

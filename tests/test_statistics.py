@@ -1,6 +1,6 @@
-"""Statistics of the results table (`src.statistics`) and its figures (`src.figures`), on synthetic results lines
-whose per-sample outcomes are drawn with known accuracies: true differences of 0.15 must come out resolved, true
-differences of 0 not, the same every time."""
+"""Statistics of the results table (`src.analysis.statistics`) and its figures (`src.analysis.figures`), on
+synthetic results lines whose per-sample outcomes are drawn with known accuracies: true differences of 0.15
+must come out resolved, true differences of 0 not, the same every time."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src import figures, results, statistics
-from src.samples import SplitSamples, hit_record, read_hits
-from src.statistics import Estimate, Statistics, resampled_means, t_estimate, t_quantile
+from src import results
+from src.analysis import figures, statistics
+from src.analysis import table as results_table
+from src.analysis.samples import SplitSamples, hit_record, read_hits
+from src.analysis.statistics import Estimate, Statistics, resampled_means, t_estimate, t_quantile
 from tests.conftest import PROJECT_ROOT
 
 SAMPLES = 600
@@ -38,7 +40,8 @@ def line(method: str, seed: int, acc: float, rank: int | None = None, hits: np.n
     if rank is not None:
         settings["peft.rank"] = rank
     return {
-        "experiment": "study", "kind": "training", "recipe": results.recipe_id(settings), "recipe_settings": settings,
+        "experiment": "study", "kind": "training", "recipe": results_table.recipe_id(settings),
+        "recipe_settings": settings,
         "benchmark": "synthetic", "method": method, "rank": rank, "peft": {"rank": rank}, "mode": "clean",
         "seed": seed, "tunable_backbone": params, "tunable_backbone_pct": 1.0,
         "splits": {"test": {"acc50": acc, "miou": acc / 2, "n": SAMPLES}}, "shuffled_text": {},
@@ -59,7 +62,7 @@ def recorded(method: str, skill: float, seeds=SEEDS, **extra) -> list[dict]:
 
 def write(folder: Path, lines: list[dict]) -> None:
     for row in lines:
-        results.append_result(folder / results.RESULTS_NAME, row)
+        results_table.append_result(folder / results_table.RESULTS_NAME, row)
 
 
 @pytest.fixture()
@@ -76,7 +79,7 @@ def mixed(tmp_path: Path) -> Path:
 
 
 def table(folder: Path, *against: str) -> dict[str, statistics.Row]:
-    runs, entries, _ = results.load_runs([folder])
+    runs, entries, _ = results_table.load_runs([folder])
     _, rows = Statistics(entries, runs).table(against or statistics.DEFAULT_AGAINST)
     return {r.entry["method"]: r for r in rows}
 
@@ -137,7 +140,7 @@ def test_a_recipe_is_compared_only_with_references_of_its_own_recipe(tmp_path: P
     write(tmp_path, recorded("frozen", 0.45, seeds=(1, 2)) + recorded("lora", 0.5, seeds=(1, 2, 3), rank=8)
           + recorded("lora", 0.5, seeds=(1, 2), rank=8, epochs=16)
           + [r for rank in (8, 32) for r in recorded("mapper", 0.6, seeds=(1, 2), rank=rank)])
-    runs, entries, _ = results.load_runs([tmp_path])
+    runs, entries, _ = results_table.load_runs([tmp_path])
     _, rows = Statistics(entries, runs).table(["frozen", "mapper"])
     lora = {r.entry["recipe_settings"]["trainer.max_epochs"]: r for r in rows if r.entry["method"] == "lora"}
     assert lora[16].differences == {"frozen": "-", "mapper": "-"}  # no reference trained 16 epochs
@@ -190,7 +193,7 @@ def rank_study(folder: Path) -> None:
 
 def test_the_rank_figure_from_results_lines(tmp_path: Path):
     rank_study(tmp_path)
-    runs, entries, _ = results.load_runs([tmp_path])
+    runs, entries, _ = results_table.load_runs([tmp_path])
     stats = Statistics(entries, runs)
     points = figures.rank_points(stats, "synthetic", "test")
     assert [(p.series, p.rank, p.params) for p in points if p.series == "lora"] == [
@@ -209,7 +212,7 @@ def test_the_rank_figure_from_results_lines(tmp_path: Path):
 
 
 def test_the_comparison_figure_draws_means_and_differences(mixed: Path, tmp_path: Path):
-    runs, entries, _ = results.load_runs([mixed])
+    runs, entries, _ = results_table.load_runs([mixed])
     names, rows = Statistics(entries, runs).table()
     fig = figures.comparison_figure(names, rows)
     assert len(fig.axes) == 3

@@ -17,10 +17,11 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from src import results
+from src.analysis import table as results_table
+from src.analysis.samples import SAMPLES_FILE, read_hits, read_samples
 from src.config import CONFIG_DIR, compose
 from src.errors import ConfigError
 from src.run import optimized_value, resolved, run, run_choices
-from src.samples import SAMPLES_FILE, read_hits, read_samples
 from tests.conftest import PROJECT_ROOT
 from tests.test_default_job import TINY_JOB
 
@@ -47,7 +48,7 @@ def row(method: str, seed: int, acc: float, rank: int | None = 8, **extra) -> di
 def line(out: Path, overrides: list[str], acc: float, choices: dict | None = None, **extra) -> dict:
     """The results line `src.run` writes for a run of `overrides` (its config resolved as a run resolves it)."""
     config = resolved(compose(overrides))
-    return results.result_row(
+    return results_table.result_row(
         config, choices or {}, params={"tunable_backbone": 100, "tunable_backbone_pct": 1.0},
         splits={"test": {"acc50": acc, "miou": acc / 2, "n": 10}}, shuffled={}, best_val=acc, checkpoint=None,
         wall_seconds=acc, output_dir=out, **extra)
@@ -56,23 +57,23 @@ def line(out: Path, overrides: list[str], acc: float, choices: dict | None = Non
 def test_summary_groups_seeds_and_keeps_settings_apart():
     rows = [row("lora", 1, 0.5), row("lora", 2, 0.7), row("lora", 1, 0.9, rank=32), row("adapter", 1, 0.2),
             row("adapter", 2, 0.3, status="failed")]
-    entries = {(e["method"], e["rank"]): e for e in results.summarise(rows)}
+    entries = {(e["method"], e["rank"]): e for e in results_table.summarise(rows)}
     assert set(entries) == {("lora", 8), ("lora", 32), ("adapter", 8)}
     lora = entries[("lora", 8)]
     assert lora["runs"] == 2 and lora["seeds"] == [1, 2]
     assert lora["acc50/test"] == pytest.approx(0.6) and lora["acc50/test_std"] == pytest.approx(0.1414, abs=1e-4)
     assert entries[("adapter", 8)]["runs"] == 1  # the failed run is not averaged in
-    table = results.format_table(list(entries.values()))
+    table = results_table.format_table(list(entries.values()))
     assert "0.600 ± 0.141" in table and "| training | unknown | lora | 32 |" in table
-    csv_text = results.format_table(list(entries.values()), "csv")
+    csv_text = results_table.format_table(list(entries.values()), "csv")
     assert csv_text.splitlines()[0].startswith("benchmark,kind,recipe,method,rank,mode,experiment,settings,runs")
 
 
 def test_results_lines_are_read_once_from_files_and_folders(tmp_path: Path):
-    path = tmp_path / "a" / results.RESULTS_NAME
-    results.append_result(path, row("lora", 1, 0.5))
-    results.append_result(path, row("lora", 2, 0.6))
-    assert len(results.load_results([tmp_path, path])) == 2
+    path = tmp_path / "a" / results_table.RESULTS_NAME
+    results_table.append_result(path, row("lora", 1, 0.5))
+    results_table.append_result(path, row("lora", 2, 0.6))
+    assert len(results_table.load_results([tmp_path, path])) == 2
 
 
 def test_runs_are_grouped_only_with_runs_of_their_own_kind_and_recipe(tmp_path: Path, capsys):
@@ -94,7 +95,7 @@ def test_runs_are_grouped_only_with_runs_of_their_own_kind_and_recipe(tmp_path: 
     }
     for folder, written in lines.items():
         for r in written:
-            results.append_result(folder / results.RESULTS_NAME, r)
+            results_table.append_result(folder / results_table.RESULTS_NAME, r)
     kinds = [r["kind"] for r in lines[single]]
     assert kinds == ["debug", "debug", "evaluation", "evaluation", "evaluation", "evaluation"]
     default_recipe = lines[sweep][0]["recipe"]
@@ -102,7 +103,7 @@ def test_runs_are_grouped_only_with_runs_of_their_own_kind_and_recipe(tmp_path: 
     # evaluating a run's checkpoint as the run tested it gives that run's recipe
     assert {r["recipe"] for r in lines[single][2:]} == {default_recipe}
 
-    entries, text = results.load_table([tmp_path])
+    entries, text = results_table.load_table([tmp_path])
     runs = {(e["kind"], e["recipe_settings"]["trainer.max_epochs"]): e for e in entries}
     assert {k: (e["runs"], e["seeds"]) for k, e in runs.items()} == {
         ("training", 14): (2, [1, 2]), ("training", 16): (2, [1, 2]), ("evaluation", 14): (2, [1, 2])}
@@ -111,8 +112,8 @@ def test_runs_are_grouped_only_with_runs_of_their_own_kind_and_recipe(tmp_path: 
     assert "6 runs in 3 groups; left out: 2 debug runs (--include debug shows them), " \
            "2 evaluations of weights already counted" in text
     assert "read 2 results files" in text and "(4 lines)" in text and "(6 lines)" in text
-    assert results.recipe_differences(entries) == ["trainer.max_epochs"]
-    table = results.format_table(entries)
+    assert results_table.recipe_differences(entries) == ["trainer.max_epochs"]
+    table = results_table.format_table(entries)
     assert table.splitlines()[0].startswith("| benchmark | kind | recipe | method | rank | mode | trainer.max_epochs |")
     assert f"| synthetic | training | {default_recipe} | mapper | 32 | clean | 14 | 2 |" in table
 
@@ -136,36 +137,36 @@ def test_a_results_line_from_before_kinds_and_recipes_still_loads(tmp_path: Path
     config = resolved(compose(["peft=lora", "seed=4"]))
     (run_dir / "results.json").write_text(json.dumps({"wall_seconds": 12.5, "config": config}))
     moved = {**old, "output_dir": "/elsewhere/sweep/0", "wall_seconds": 12.5, "experiment": "train"}
-    results.append_result(tmp_path / "sweep" / results.RESULTS_NAME, moved)
-    results.append_result(tmp_path / results.RESULTS_NAME, old)
-    found = {r["experiment"]: r for r in results.load_results([tmp_path])}
+    results_table.append_result(tmp_path / "sweep" / results_table.RESULTS_NAME, moved)
+    results_table.append_result(tmp_path / results_table.RESULTS_NAME, old)
+    found = {r["experiment"]: r for r in results_table.load_results([tmp_path])}
     assert found["petl_synthetic"] | {"kind": "training", "recipe": None, "derived_from": "guess"} == \
         found["petl_synthetic"]
     derived = found["train"]
     assert derived["derived_from"] == "results.json" and derived["kind"] == "training"
     assert derived["recipe"] == line(run_dir, ["peft=lora", "seed=4"], 0.5)["recipe"]
-    entries, text = results.load_table([committed])
+    entries, text = results_table.load_table([committed])
     assert len(entries) == 12 and {e["runs"] for e in entries} == {3} and {e["recipe"] for e in entries} == {"unknown"}
     assert "36 runs of unknown recipe" in text
 
 
 def test_kinds_of_runs_and_where_the_notebook_reads():
     for name in ("fast_dev_run", "limit", "overfit", "profiler"):
-        assert results.run_kind(resolved(compose([f"debug={name}"])), {}) == "debug"
-    assert results.run_kind(resolved(compose([])), {}) == "training"
-    assert results.run_kind(resolved(compose(["train=false", "ckpt_path=x.ckpt"])), {}) == "evaluation"
-    recipe = results.run_recipe(resolved(compose([])))
+        assert results_table.run_kind(resolved(compose([f"debug={name}"])), {}) == "debug"
+    assert results_table.run_kind(resolved(compose([])), {}) == "training"
+    assert results_table.run_kind(resolved(compose(["train=false", "ckpt_path=x.ckpt"])), {}) == "evaluation"
+    recipe = results_table.run_recipe(resolved(compose([])))
     assert "seed" not in recipe and "trainer.max_epochs" in recipe and "peft.rank" in recipe
     assert not any(k.startswith(("paths.", "logger.")) or k == "data.num_workers" for k in recipe)
-    assert results.run_recipe(resolved(compose(["train=false", "ckpt_path=x.ckpt"]))) is None  # no stored config
+    assert results_table.run_recipe(resolved(compose(["train=false", "ckpt_path=x.ckpt"]))) is None  # no stored config
     cached = {"model": {"vision": {"init_checkpoint": "/machine/a/.cache/vit-synthetic-0123.pt"}}}
-    assert results.run_recipe(cached) == {"model.vision.init_checkpoint": "vit-synthetic-0123.pt"}
-    assert results.resolve_sources(None) == [PROJECT_ROOT / "experiments" / "petl_comparison"]
-    assert results.resolve_sources("multirun /abs/x") == [PROJECT_ROOT / "multirun", Path("/abs/x")]
-    with pytest.raises(results.NoRunsFound, match="found 0 runs to show"):
-        results.load_table([PROJECT_ROOT / "no-such-folder"])
+    assert results_table.run_recipe(cached) == {"model.vision.init_checkpoint": "vit-synthetic-0123.pt"}
+    assert results_table.resolve_sources(None) == [PROJECT_ROOT / "experiments" / "petl_comparison"]
+    assert results_table.resolve_sources("multirun /abs/x") == [PROJECT_ROOT / "multirun", Path("/abs/x")]
+    with pytest.raises(results_table.NoRunsFound, match="found 0 runs to show"):
+        results_table.load_table([PROJECT_ROOT / "no-such-folder"])
     with pytest.raises(ConfigError, match="unknown kind of run"):
-        results.load_table([PROJECT_ROOT / "experiments"], ["training", "debugg"])
+        results_table.load_table([PROJECT_ROOT / "experiments"], ["training", "debugg"])
 
 
 def test_an_evaluation_is_labelled_with_its_checkpoints_method(tmp_path: Path):
@@ -218,13 +219,13 @@ def test_the_notebook_reads_the_committed_study_from_anywhere_and_says_when_it_f
 @pytest.mark.slow
 def test_method_rank_seed_sweep_feeds_the_table_and_the_notebook(tmp_path: Path, capsys):
     sweep(tmp_path, "peft=lora,adapter", "peft.rank=4,8", "seed=1,2")
-    lines = (tmp_path / "sweep" / results.RESULTS_NAME).read_text().splitlines()
+    lines = (tmp_path / "sweep" / results_table.RESULTS_NAME).read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert sorted((r["method"], r["rank"], r["seed"]) for r in rows) == sorted(
         (m, k, s) for m in ("lora", "adapter") for k in (4, 8) for s in (1, 2))
     for r in rows:
         assert r["status"] == "ok" and r["benchmark"] == "synthetic" and r["git_commit"]
-        assert r["kind"] == "training" and r["recipe"] == results.recipe_id(r["recipe_settings"])
+        assert r["kind"] == "training" and r["recipe"] == results_table.recipe_id(r["recipe_settings"])
         assert r["checkpoint_bytes"] > 0 and r["best_epoch"] == 0 and r["peak_memory_bytes"] > 0
         assert 0 <= r["splits"]["test"]["acc50"] <= 1 and "test" in r["shuffled_text"]
         assert r["tunable_backbone"] > 0 and r["trainable"] > r["tunable_backbone"]
@@ -254,7 +255,7 @@ def test_optuna_search_over_rank_and_learning_rate(tmp_path: Path):
     sweep(tmp_path, "hparams_search=optuna", "peft=lora", "hydra.sweeper.n_trials=2")
     best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"peft.rank", "optim.optimizer.lr"}
-    rows = results.load_results([tmp_path / "sweep"])
+    rows = results_table.load_results([tmp_path / "sweep"])
     assert len(rows) == 2 and all(r["method"] == "lora" and r["rank"] in (4, 8, 16, 32, 64) for r in rows)
 
 
@@ -296,7 +297,7 @@ def test_fast_dev_run_debug_mode_runs_end_to_end(tmp_path: Path):
     assert isinstance(returned, float) and 0.0 < returned < 1.0
     written = json.loads((tmp_path / "run" / "results.json").read_text())
     assert written["splits"]["test"]["n"] > 0
-    written_line = json.loads((tmp_path / "run" / results.RESULTS_NAME).read_text())
+    written_line = json.loads((tmp_path / "run" / results_table.RESULTS_NAME).read_text())
     assert written_line["kind"] == "debug" and written_line["recipe_settings"]["trainer.fast_dev_run"] is True
     # the per-sample record: every test sample's outcome in the line, its IoU in the run folder, both agreeing
     # with the split's figures (fast_dev_run tests one batch: 8 of the split's 12 samples)
@@ -313,11 +314,11 @@ def test_fast_dev_run_debug_mode_runs_end_to_end(tmp_path: Path):
 @pytest.mark.slow
 def test_a_diverging_job_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path: Path):
     sweep(tmp_path, "optim.optimizer.lr=1e38,1e-3")  # LR 1e38 makes the weights, then the loss, non-finite
-    rows = [json.loads(line) for line in (tmp_path / "sweep" / results.RESULTS_NAME).read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "sweep" / results_table.RESULTS_NAME).read_text().splitlines()]
     assert [r["status"] for r in rows] == ["failed", "ok"]
     assert rows[0]["reason"].startswith("non-finite loss at global step")
     assert json.loads((tmp_path / "sweep" / "0" / "results.json").read_text())["status"] == "failed"
-    assert [e["runs"] for e in results.summarise(rows)] == [1]  # failed runs are not averaged in
+    assert [e["runs"] for e in results_table.summarise(rows)] == [1]  # failed runs are not averaged in
 
 
 @pytest.mark.slow
@@ -332,7 +333,7 @@ def test_a_sweep_whose_jobs_run_ddp_gives_one_job_per_point_each_on_two_processe
         del os.environ["MASTER_PORT"]
     folders = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert folders == ["0", "1"], folders  # no job folders from the re-launched processes
-    rows = [json.loads(line) for line in (tmp_path / "sweep" / results.RESULTS_NAME).read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "sweep" / results_table.RESULTS_NAME).read_text().splitlines()]
     assert [(r["seed"], r["processes"], r["status"]) for r in rows] == [(1, 2, "ok"), (2, 2, "ok")]
     for job in folders:  # each job's second process wrote its own log in the job's folder
         assert (tmp_path / "sweep" / job / "train_ddp_process_1.log").exists(), proc.stderr[-2000:]

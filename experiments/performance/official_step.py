@@ -25,7 +25,7 @@ official loss (`utils.loss_utils.trans_vg_loss`: L1 + GIoU, summed as in `engine
 backward + `AdamW.step()` + `zero_grad(set_to_none=True)`. Evaluation = `model.eval()` forward under
 `torch.no_grad()`. `--warmup` untimed steps, then `--steps` timed steps of each; median, min and spread
 (max - min) of each, and the peak RSS of each timed phase (`/proc/self/clear_refs` <- "5" resets the
-high-water mark, then `VmHWM` from `/proc/self/status`, as `src/results.py` does). The official training
+high-water mark, then `VmHWM` from `/proc/self/status`, as `src/analysis/table.py` does). The official training
 wraps the forward in `torch.cuda.amp.autocast()` + `GradScaler`; on CPU that autocast is inactive, so fp32
 is what the official code runs there too. Prints one JSON line at the end; `--out` also writes it.
 

@@ -22,9 +22,9 @@ from omegaconf import open_dict
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from src.checkpoints import export_safetensors  # noqa: E402
 from src.config import compose  # noqa: E402
 from src.run import build_module  # noqa: E402
+from src.storage.checkpoints import export_safetensors  # noqa: E402
 
 METHODS = ["mapper", "lora", "dora", "ia3", "adapter", "adaptformer", "frozen", "full"]
 

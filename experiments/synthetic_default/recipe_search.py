@@ -30,12 +30,12 @@ sys.path.insert(0, str(ROOT))
 
 from hydra.utils import instantiate  # noqa: E402
 
-from src.backbone_pretraining import apply_backbone_pretraining  # noqa: E402
 from src.config import compose  # noqa: E402
 from src.data.dataset import CachedSamples, collate  # noqa: E402
-from src.lit import MODEL_INPUTS  # noqa: E402
-from src.metrics import GroundingAccuracy  # noqa: E402
+from src.pretraining.stages import apply_backbone_pretraining  # noqa: E402
 from src.run import build_module  # noqa: E402
+from src.training.lit import MODEL_INPUTS  # noqa: E402
+from src.training.metrics import GroundingAccuracy  # noqa: E402
 
 FIXED = ["data.cache_samples=true", "logger=none"]
 # Overrides that change what the shared caches (benchmark, pretrained backbones) hold.

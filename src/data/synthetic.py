@@ -70,10 +70,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 from PIL import Image, ImageDraw
 
 from src.errors import ConfigError
-from src.weights_cache import exclusive
 
 __all__ = [
     "BACKGROUNDS",
@@ -671,7 +671,8 @@ def ensure_synthetic(cache_dir: str | Path, **settings: Any) -> Path:
     final = cache_dir / f"synthetic-{settings_hash(st)}"
     if final.is_dir():
         return final
-    with exclusive(final):  # one process generates, concurrent ones (DDP ranks, sweep jobs) wait
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(final.with_name(final.name + ".lock")):  # one process generates, concurrent ones wait
         if final.is_dir():
             return final
         _generate(st, final)

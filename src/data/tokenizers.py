@@ -3,7 +3,9 @@
 Both return a callable `tok(phrases, max_len) -> (ids, mask)` (LongTensors of shape (B, max_len)) with the
 attribute `vocab_size` (see docs/CONTRACTS.md, "Tokenizers"). The word splitting itself is done by
 transformers' tokenizers (the Rust `tokenizers` backend); truncation, the special tokens and the padding
-are done here, so that they follow the official MaPPER loader exactly:
+are done here, so that they follow the official MaPPER loader exactly (the tokenizer call's `truncation=`
+and `padding=` do not promise its pair rule below or CLIP's cleaning; tests/test_tokenizers.py holds both
+to the official ids):
 
 * BERT: `phrase.lower().strip()`, uncased WordPiece (accents stripped, punctuation split), the first
   `max_len - 2` pieces, `[CLS] ... [SEP]`, zero padding, mask 1 on real tokens.

@@ -1,11 +1,15 @@
-"""Backbone wrappers: a timm ViT (DINOv2 family), a transformers BERT and a CLIP text prior.
+"""Backbone wrappers: a timm ViT (DINOv2 by default), a transformers text encoder (BERT by default) and a
+CLIP text prior.
 
 Each backbone is built from explicit architecture settings so that `pretrained: false` needs no hub
-access (tests and the synthetic job), and from the hub or a local path when `pretrained: true`.
+access (tests and the synthetic job), and from the hub or a local path when `pretrained: true`. Each
+encoder declares its layers and their roles (src/models/roles.py), where PEFT methods place themselves,
+and marks the modules it was built with, so that those a method injects later are told apart.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -16,9 +20,17 @@ import timm
 import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
-from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection
+from transformers import (
+    CONFIG_MAPPING,
+    MODEL_MAPPING,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from src.errors import ConfigError
+from src.models.roles import LayerRoles, TextFamily, text_family, timm_arch, vision_roles
 from src.models.row_cache import PriorCache, RowCache, run_context
 
 
@@ -42,7 +54,7 @@ class VisionSettings:
     # does). Ignored when pretrained weights are loaded.
     random_pos_embed: str = "timm"
     # A local state dict loaded into the randomly built ViT (e.g. the synthetic pretraining stage's
-    # output, src/pretrain_vision.py); independent of model.pretrained.
+    # output, src/pretraining/vision.py); independent of model.pretrained.
     init_checkpoint: str | None = None
 
     def overrides(self) -> dict[str, Any]:
@@ -53,11 +65,14 @@ class VisionSettings:
 
 @dataclass
 class TextSettings:
-    """A BERT text encoder; `weights` is a hub id or local folder used when built pretrained."""
+    """A transformers text encoder: `arch` its family (a model_type: bert, roberta, distilbert, ...),
+    `config` its architecture over the family's defaults, `weights` a hub id or local folder used when
+    built pretrained (they must fit that architecture)."""
 
+    arch: str = "bert"
     weights: str = "bert-base-uncased"
     config: dict[str, Any] = field(default_factory=dict)
-    # A local state dict loaded into the built BertModel (e.g. src/pretrain_text.py's output).
+    # A local state dict loaded into the built text encoder (e.g. src/pretraining/text.py's output).
     init_checkpoint: str | None = None
 
 
@@ -67,15 +82,10 @@ class PriorSettings:
 
     weights: str = "openai/clip-vit-base-patch16"
     config: dict[str, Any] = field(default_factory=dict)
-    # A local state dict loaded into the built CLIP text tower (e.g. src/pretrain_text.py's output).
+    # A local state dict loaded into the built CLIP text tower (e.g. src/pretraining/text.py's output).
     init_checkpoint: str | None = None
 
 
-BERT_BASE = dict(
-    vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-    intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12,
-    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, hidden_act="gelu",
-)
 CLIP_B16_TEXT = dict(
     vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
     num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
@@ -94,11 +104,11 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, vit: nn.Module, prefix_cache: int = 0, cache_max_bytes: int | None = None) -> None:
         super().__init__()
+        self.roles: LayerRoles = vision_roles(vit)
         if getattr(vit, "cls_token", None) is None:
-            raise ValueError("the vision encoder needs a class token (the grounder passes it on)")
+            raise ConfigError(f"model.vision.arch={timm_arch(vit)!r} has no class token, which the grounder passes on")
         self.vit = vit
-        for module in vit.modules():  # modules a PEFT method injects later lack the mark
-            module.built_with_backbone = True
+        mark_built_with_backbone(vit)
         self.prefix_cache = RowCache(prefix_cache, cache_max_bytes) if prefix_cache else None
 
     @property
@@ -124,17 +134,17 @@ class VisionEncoder(nn.Module):
         return 1 + self.grid[0] * self.grid[1]
 
     @property
-    def blocks(self) -> nn.Sequential:
+    def layers(self) -> nn.Sequential:
+        """The ViT's blocks, the layers its roles are resolved in."""
         return self.vit.blocks
 
     def frozen_prefix_depth(self) -> int:
         """How many leading blocks, after the stem, compute a fixed function of the image: modules built
         with the ViT (nothing injected), without trainable parameters, not in training mode. 0 when the
-        stem itself (patch embedding, class and register tokens, positions) is not fixed."""
+        stem itself (patch embedding, class, register or distillation tokens, positions) is not fixed."""
         vit = self.vit
         stem = [vit.patch_embed, vit.pos_drop, vit.patch_drop, vit.norm_pre]
-        tokens = [t for t in (vit.cls_token, vit.reg_token, vit.pos_embed) if t is not None]
-        if any(t.requires_grad for t in tokens) or not all(_fixed(m) for m in stem):
+        if any(t.requires_grad for t in vit.parameters(recurse=False)) or not all(_fixed(m) for m in stem):
             return 0
         depth = 0
         while depth < len(vit.blocks) and _fixed(vit.blocks[depth]):
@@ -159,7 +169,7 @@ class VisionEncoder(nn.Module):
     def _prefix_weights(self, depth: int) -> Iterator[torch.Tensor]:
         """Every tensor the frozen prefix's output depends on: the stem's and the first `depth` blocks'."""
         vit = self.vit
-        yield from (t for t in (vit.cls_token, vit.reg_token, vit.pos_embed) if t is not None)
+        yield from vit.parameters(recurse=False)  # the tokens and the position table
         for module in (vit.patch_embed, vit.norm_pre, *vit.blocks[:depth]):
             yield from module.parameters()
             yield from module.buffers()
@@ -176,13 +186,25 @@ class VisionEncoder(nn.Module):
 
 def _fixed(module: nn.Module) -> bool:
     """True when `module` computes a fixed function: built with the backbone, frozen, not training."""
-    return all(getattr(m, "built_with_backbone", False) and not m.training for m in module.modules()) and not any(
+    return all(built_with_backbone(m) and not m.training for m in module.modules()) and not any(
         p.requires_grad for p in module.parameters()
     )
 
 
+def mark_built_with_backbone(backbone: nn.Module) -> None:
+    """Mark every module of a freshly built backbone: modules a PEFT method injects later lack the mark (they
+    keep training mode while the frozen backbone's are off, and they end the ViT's frozen prefix)."""
+    for module in backbone.modules():
+        module.built_with_backbone = True
+
+
+def built_with_backbone(module: nn.Module) -> bool:
+    """Whether `module` came with its backbone (`mark_built_with_backbone`), not with a PEFT method."""
+    return getattr(module, "built_with_backbone", False)
+
+
 class ZeroTokenType(nn.Module):
-    """Stands in for BERT's token-type table when the official model has none: adds exactly zero."""
+    """Stands in for a token-type table when the official model has none (as the official BERT): adds exactly zero."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -195,11 +217,18 @@ class ZeroTokenType(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """BERT returning per-token features (B, L, D); adapters inside may read `condition`."""
+    """A transformers encoder returning per-token features (B, L, D); adapters inside may read `condition`.
 
-    def __init__(self, bert: BertModel) -> None:
+    The model is held as `bert` whatever its family: checkpoints name the text weights `text.bert.*`.
+    """
+
+    def __init__(self, bert: PreTrainedModel) -> None:
         super().__init__()
+        arch = bert.config.model_type
+        self.family: TextFamily = text_family(arch)
+        self.roles: LayerRoles = LayerRoles(arch, self.family.roles)
         self.bert = bert
+        mark_built_with_backbone(bert)
         self.condition: ConditionSlot = ConditionSlot()
 
     @property
@@ -208,11 +237,13 @@ class TextEncoder(nn.Module):
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.bert.encoder.layer
+        """The encoder's layers, the ones its roles are resolved in."""
+        return self.bert.get_submodule(self.family.layers)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        token_types = {"token_type_ids": torch.zeros_like(ids)} if self.family.token_types else {}
         with self.condition.holding(condition):
-            out = self.bert(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+            out = self.bert(input_ids=ids, attention_mask=mask, **token_types)
         return out.last_hidden_state
 
 
@@ -245,6 +276,7 @@ class TextPrior(nn.Module):
     ) -> None:
         super().__init__()
         self.clip = clip
+        mark_built_with_backbone(clip)
         self.use_padding_mask = use_padding_mask
         self.fp16 = fp16  # fp16 autocast on CUDA, as the official GPU run (the prior_fp16 quirk)
         # the prior of recently seen phrases (model.prior_cache entries; 0 = none), cleared when the weights change
@@ -318,22 +350,44 @@ def load_without_registers(plain: nn.Module, state: dict[str, torch.Tensor]) -> 
     plain.load_state_dict(state, strict=True)
 
 
-def bert_config(settings: TextSettings) -> BertConfig:
-    """The BERT architecture: bert-base-uncased's, updated by the configured overrides."""
-    return BertConfig(**{**BERT_BASE, **settings.config})
+def text_config(settings: TextSettings) -> PretrainedConfig:
+    """The text encoder's architecture: its family's defaults (BERT: bert-base-uncased's), updated by the
+    configured overrides, each of which must be a setting of the family's config class (names differ
+    between families: DistilBERT's FFN width is `hidden_dim`, BERT's `intermediate_size`)."""
+    family = text_family(settings.arch)
+    config_class = CONFIG_MAPPING[settings.arch]
+    known = {*inspect.signature(config_class.__init__).parameters, *PretrainedConfig().to_dict(),
+             *config_class.attribute_map}
+    unknown = sorted(set(settings.config) - known)
+    if unknown:
+        raise ConfigError(f"model.text.config.{unknown[0]} is not a setting of {config_class.__name__} "
+                          f"(model.text.arch={settings.arch})")
+    return config_class(**{**family.base, **settings.config})
 
 
-def build_bert(settings: TextSettings, pretrained: bool, token_type: bool) -> BertModel:
-    """BERT without pooler; `token_type=False` swaps the token-type table for zeros (official)."""
-    config = bert_config(settings)
+def text_model(config: PretrainedConfig, pooler: bool = False) -> PreTrainedModel:
+    """A random text encoder of `config`'s family, with its pooler only when asked (and it has one)."""
+    return MODEL_MAPPING[type(config)](config, **text_family(config.model_type).pooler_kwargs(pooler))
+
+
+def build_text(settings: TextSettings, pretrained: bool, token_type: bool) -> PreTrainedModel:
+    """The text encoder without pooler; `token_type=False` swaps its token-type table, where it has one, for
+    zeros (the official BERT has none)."""
+    config, family = text_config(settings), text_family(settings.arch)
     if pretrained:
-        bert = BertModel.from_pretrained(settings.weights, config=config, add_pooling_layer=False)
+        model_class = MODEL_MAPPING[type(config)]
+        model, info = model_class.from_pretrained(settings.weights, config=config, output_loading_info=True,
+                                                  **family.pooler_kwargs(False))
+        if info["missing_keys"]:  # transformers would leave them random with a warning
+            missing = sorted(info["missing_keys"])
+            raise ConfigError(f"model.text.weights={settings.weights!r} lacks {len(missing)} weights of the configured "
+                              f"{settings.arch} encoder (e.g. {missing[0]}): weights of another family or size?")
     else:
-        bert = BertModel(config, add_pooling_layer=False)
-    if not token_type:
-        bert.embeddings.token_type_embeddings = ZeroTokenType(config.hidden_size)
-    load_checkpoint(bert, settings.init_checkpoint)
-    return bert
+        model = text_model(config)
+    if not token_type and family.token_types:
+        model.embeddings.token_type_embeddings = ZeroTokenType(config.hidden_size)
+    load_checkpoint(model, settings.init_checkpoint)
+    return model
 
 
 def clip_config(settings: PriorSettings) -> CLIPTextConfig:

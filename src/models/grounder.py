@@ -20,13 +20,14 @@ from src.models.encoders import (
     TextSettings,
     VisionEncoder,
     VisionSettings,
-    build_bert,
     build_clip_text,
+    build_text,
     build_vit,
+    built_with_backbone,
 )
 from src.models.fusion import BoxHead, FusionEncoder
 from src.models.peft.base import PeftMethod
-from src.params import BackboneReference
+from src.models.reference import BackboneReference
 from src.quirks import ModelQuirks
 
 
@@ -67,6 +68,7 @@ class Grounder(nn.Module):
         self.quirks = quirks
         self.max_query_len = max_query_len
         self.adapter_layers = dict(adapter_layers or {})
+        # Merges the text features with the prior before the fusion, where a method sets one (MaPPER's PGT).
         self.text_merge: nn.Module | None = None
         d = fusion.dim
         self.visu_proj = nn.Linear(vision.embed_dim, d)
@@ -78,9 +80,6 @@ class Grounder(nn.Module):
         self.head = BoxHead(d)
         self.tunable_backbone_names: list[str] = []
         self.backbones_frozen = True
-        # The backbones' own modules, and whether each is in the text encoder (not those a PEFT method
-        # brings, e.g. LoRA's: they keep training mode). Held as objects: injection renames modules.
-        self.backbone_modules: list[tuple[nn.Module, bool]] = []
         # Blocks whose activations are recomputed in backward (model.checkpointing).
         self.checkpointed_blocks: list[str] = []
         # The backbone architectures this model was built from (for the parameter report).
@@ -88,24 +87,19 @@ class Grounder(nn.Module):
         # Frozen backbone weights stored in bf16 (model.frozen_bf16): the backbones then run under bf16 autocast.
         self.frozen_bf16 = False
 
-    # --- PeftTarget -------------------------------------------------------------------------------
     @property
-    def prior_dim(self) -> int:
-        if self.prior is None:
-            raise ConfigError("this PEFT method needs the CLIP prior, but the grounder was built without one")
-        return self.prior.dim
-
-    def set_text_merge(self, module: nn.Module) -> None:
-        self.text_merge = module
+    def backbone_modules(self) -> list[tuple[nn.Module, bool]]:
+        """The backbones' own modules, each with whether it is in the text encoder; not those a PEFT method
+        brought (e.g. LoRA's: they keep training mode). Found by their marks: injection renames modules."""
+        parts = ((self.vision, False), (self.text, True), (self.prior, False))
+        return [(m, in_text) for part, in_text in parts if part is not None
+                for m in part.modules() if built_with_backbone(m)]
 
     def apply_peft(self, method: PeftMethod) -> None:
         """Freeze the backbones and the prior, then let `method` inject and unfreeze what it trains."""
         for backbone in (self.vision, self.text, self.prior):
             if backbone is not None:
                 backbone.requires_grad_(False)
-        self.backbone_modules = [
-            (m, n.startswith("text.")) for n, m in self.named_modules() if n.startswith(("vision.", "text.", "prior."))
-        ]
         tunable = method.inject(self)
         self.backbones_frozen = method.freezes_backbones
         ids = {id(p) for m in tunable for p in m.parameters()}
@@ -254,15 +248,16 @@ def build_grounder(
     vit = build_vit(vs, image_size, pretrained, drop_registers=quirks.drop_vision_registers)
     if image_size % vit.patch_embed.patch_size[0]:
         raise ConfigError(f"image_size {image_size} is not a multiple of the patch size {vit.patch_embed.patch_size}")
-    bert = build_bert(ts, pretrained, token_type=not quirks.bert_without_token_type)
+    text_backbone = build_text(ts, pretrained, token_type=not quirks.bert_without_token_type)
     clip = None
     if peft.uses_prior:
         clip = TextPrior(build_clip_text(ps, pretrained, random_blocks=quirks.prior_random_blocks),
                          use_padding_mask=not quirks.prior_from_bert_ids, fp16=quirks.prior_fp16,
                          cache_size=prior_cache, cache_max_bytes=max_bytes)
+    vision_encoder = VisionEncoder(vit, prefix_cache=vision_prefix_cache, cache_max_bytes=max_bytes)
     model = Grounder(
-        VisionEncoder(vit, prefix_cache=vision_prefix_cache, cache_max_bytes=max_bytes), TextEncoder(bert), clip,
-        FusionSettings(**(fusion or {})), max_query_len, quirks, adapter_layers,
+        vision_encoder, TextEncoder(text_backbone), clip, FusionSettings(**(fusion or {})), max_query_len, quirks,
+        adapter_layers,
     )
     model.reference = BackboneReference(vs, ts, image_size)
     model.apply_peft(peft)
@@ -270,7 +265,7 @@ def build_grounder(
         model.store_frozen_weights_in_bf16()
     chosen = checkpointing_mode(checkpointing)
     if chosen:
-        blocks = {"vision": model.vision.blocks, "text": model.text.layers}
+        blocks = {"vision": model.vision.layers, "text": model.text.layers}
         if chosen == "all":
             blocks["fusion"] = model.fusion.layers
         model.checkpointed_blocks = checkpoint_blocks(blocks, chosen == "frozen", slots=[model.text.condition])

@@ -18,17 +18,13 @@ if TYPE_CHECKING:
 
 
 class PeftTarget(Protocol):
-    """What a PEFT method may touch: the two backbones, the prior's width and the text-merge slot."""
+    """What every PEFT method may touch: the two backbones (their layers and roles), the quirks and the
+    model's default adapter layers. A method that needs more says so in its own protocol (MaPPER's)."""
 
     vision: VisionEncoder
     text: TextEncoder
     quirks: ModelQuirks
     adapter_layers: dict[str, Sequence[int]]
-
-    @property
-    def prior_dim(self) -> int: ...
-
-    def set_text_merge(self, module: nn.Module) -> None: ...
 
 
 class PeftMethod:

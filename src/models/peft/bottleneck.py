@@ -64,9 +64,8 @@ class BottleneckMethod(PeftMethod):
         vision_layers = self.layers_or_default(self.vision_layers, target.adapter_layers, "vision")
         text_layers = self.layers_or_default(self.text_layers, target.adapter_layers, "text")
         return [
-            *attach_vision(vision.blocks, vision_layers, lambda: self._make(vision.embed_dim), 1.0,
-                           self.vision_placement),
-            *attach_text(text.layers, text_layers, lambda: self._make(text.hidden_size), self.text_placement),
+            *attach_vision(vision, vision_layers, lambda: self._make(vision.embed_dim), 1.0, self.vision_placement),
+            *attach_text(text, text_layers, lambda: self._make(text.hidden_size), self.text_placement),
         ]
 
     def _make(self, dim: int) -> Bottleneck:

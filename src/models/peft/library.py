@@ -1,7 +1,9 @@
 """One bridge to the `peft` library: LoRA, DoRA, IA3, LoHa, LoKr, ... on both backbones.
 
-The config names a peft config class and its fields; the bridge builds one config per backbone whose
-`target_modules` is a regex over the chosen layers and module names, and injects it with
+The config names a peft config class and its fields, and the targets by role (`attn_qkv`, `attn_out`,
+`mlp_out`, ...: src/models/roles.py), which each backbone resolves to its own module names; the bridge
+builds one config per backbone whose `target_modules` is a regex over the chosen layers and those names,
+and injects it with
 `peft.inject_adapter_in_model` (no PeftModel wrapper: the grounder stays a plain nn.Module). Any peft
 method that injects into Linear layers needs only a config file in `conf/peft/`.
 """
@@ -22,26 +24,26 @@ from src.models.peft.base import PeftMethod, PeftTarget
 from src.models.peft.injection import check_layers
 from src.models.peft.registry import NoOpStart, Part, register_method
 
-# BERT's attention (query/key/value/output dense) and the ViT's fused qkv and output projection.
-VIT_ATTENTION = ("attn.qkv", "attn.proj")
-BERT_ATTENTION = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
+# Every attention projection: the ViT's fused qkv and output projection; BERT's query/key/value/output dense.
+ATTENTION = ("attn_qkv", "attn_out")
 
 
 @register_method("peft_library")
 @dataclass
 class LibraryPeft(PeftMethod):
-    """A `peft` library method applied to Linear layers of chosen blocks of both backbones.
+    """A `peft` library method applied to Linear layers of chosen layers of both backbones.
 
-    Module names are relative to one block (ViT: `attn.qkv`, `mlp.fc2`; BERT: `attention.self.query`,
-    `output.dense`). Layer lists left null take the model's `adapter_layers`.
+    Targets are roles (src/models/roles.py), or module paths inside one layer (ViT: `attn.qkv`; BERT:
+    `attention.self.query`), as older configs name them. Layer lists left null take the model's
+    `adapter_layers`.
     """
 
     config_class: str = "peft.LoraConfig"  # a peft config class by name (`LoraConfig` or `peft.LoraConfig`)
     rank: int | None = 8  # written to the config's `rank_field`; null for rank-free methods (IA3)
     rank_field: str = "r"
     settings: dict[str, Any] = field(default_factory=dict)  # any other fields of the peft config
-    vision_targets: Sequence[str] = VIT_ATTENTION
-    text_targets: Sequence[str] = BERT_ATTENTION
+    vision_targets: Sequence[str] = ATTENTION
+    text_targets: Sequence[str] = ATTENTION
     # Targets that are feed-forward layers (IA3 scales their input instead of their output); must be
     # among the targets. Only for config classes with a `feedforward_modules` field.
     vision_feedforward: Sequence[str] = ()
@@ -79,22 +81,24 @@ class LibraryPeft(PeftMethod):
 
     def inject(self, target: PeftTarget) -> list[nn.Module]:
         tunable: list[nn.Module] = []
-        for which, root, blocks, targets, feedforward, layers in (
-            ("vision", target.vision, target.vision.blocks, self.vision_targets, self.vision_feedforward,
-             self.vision_layers),
-            ("text", target.text, target.text.layers, self.text_targets, self.text_feedforward, self.text_layers),
+        for which, encoder, targets, feedforward, layers in (
+            ("vision", target.vision, self.vision_targets, self.vision_feedforward, self.vision_layers),
+            ("text", target.text, self.text_targets, self.text_feedforward, self.text_layers),
         ):
             if not targets:
                 continue
+            blocks = encoder.layers
             chosen = check_layers(self.layers_or_default(layers, target.adapter_layers, which), len(blocks), which)
-            prefix = module_path(root, blocks)
-            kwargs: dict[str, Any] = dict(self.settings, target_modules=layer_regex(prefix, chosen, targets))
+            prefix = module_path(encoder, blocks)
+            paths = encoder.roles.resolve(targets, blocks[0], f"peft.{which}_targets")
+            kwargs: dict[str, Any] = dict(self.settings, target_modules=layer_regex(prefix, chosen, paths))
             if self.rank is not None:
                 kwargs[self.rank_field] = self.rank
             if feedforward:
-                kwargs["feedforward_modules"] = layer_regex(prefix, chosen, feedforward)
-            inject_adapter_in_model(self.config_type(**kwargs), root)
-            tunable += [m for m in root.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+                feedforward_paths = encoder.roles.resolve(feedforward, blocks[0], f"peft.{which}_feedforward")
+                kwargs["feedforward_modules"] = layer_regex(prefix, chosen, feedforward_paths)
+            inject_adapter_in_model(self.config_type(**kwargs), encoder)
+            tunable += [m for m in encoder.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
         return tunable
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from src.errors import ConfigError
-from src.models.encoders import ConditionSlot
+from src.models.encoders import ConditionSlot, TextPrior
 from src.models.peft.base import PeftMethod, PeftTarget
 from src.models.peft.injection import attach_text, attach_vision
 from src.models.peft.registry import Part, register_method
@@ -114,10 +115,26 @@ class PGT(nn.Module):
         return self.proj(torch.cat([text, prior.to(text.dtype)], dim=-1))
 
 
+class MapperTarget(PeftTarget, Protocol):
+    """What MaPPER needs beyond any method's target: the frozen CLIP prior (built because the method
+    `uses_prior`) and the slot that merges it into the text features (PGT goes there)."""
+
+    prior: TextPrior | None
+    text_merge: nn.Module | None
+
+
+def prior_width(target: MapperTarget) -> int:
+    """The CLIP prior's projected width, which DyPA's gate and PGT read."""
+    if target.prior is None:
+        raise ConfigError("this PEFT method needs the CLIP prior, but the grounder was built without one")
+    return target.prior.dim
+
+
 @register_method("mapper")
 @dataclass
 class Mapper(PeftMethod):
-    """MaPPER: LoCA beside the MLP of chosen ViT blocks, DyPA in chosen BERT layers, PGT after BERT.
+    """MaPPER: LoCA beside the MLP of chosen ViT blocks, DyPA at the FFN of chosen text layers, PGT after
+    the text encoder.
 
     Layer lists left null take the model's `adapter_layers` (the paper: 3, 7, 11 of 12). The switches
     `loca`, `dypa`, `pgt` and `prior` remove one component each for the paper's ablations.
@@ -132,8 +149,8 @@ class Mapper(PeftMethod):
     loca_branch2_out: int = 96  # 3x3 conv branch channels
     loca_scale: float = 0.2  # weight of LoCA's output beside the MLP
     loca: bool = True  # Local Convolution Adapters in the ViT
-    dypa: bool = True  # Dynamic Prior Adapters in BERT
-    pgt: bool = True  # Prior-Guided Text merge after BERT (needs the prior)
+    dypa: bool = True  # Dynamic Prior Adapters in the text encoder
+    pgt: bool = True  # Prior-Guided Text merge after the text encoder (needs the prior)
     prior: bool = True  # the CLIP prior; off: DyPA becomes a plain bottleneck (gate 1) and PGT must be off
 
     def __post_init__(self) -> None:
@@ -151,13 +168,13 @@ class Mapper(PeftMethod):
         switches = (("vision_layers", self.loca), ("text_layers", self.dypa), ("text_merge", self.pgt))
         return frozenset(part for part, on in switches if on)
 
-    def inject(self, target: PeftTarget) -> list[nn.Module]:
+    def inject(self, target: MapperTarget) -> list[nn.Module]:
         vision, text, quirks = target.vision, target.text, target.quirks
         modules: list[nn.Module] = []
         if self.loca:
             vision_layers = self.layers_or_default(self.vision_layers, target.adapter_layers, "vision")
             modules += attach_vision(
-                vision.blocks, vision_layers,
+                vision, vision_layers,
                 lambda: LoCA(
                     vision.embed_dim, self.loca_hidden, self.loca_branch1, self.loca_branch2_mid,
                     self.loca_branch2_out, vision.grid, vision.num_prefix_tokens,
@@ -167,14 +184,14 @@ class Mapper(PeftMethod):
             )
         if self.dypa:
             text_layers = self.layers_or_default(self.text_layers, target.adapter_layers, "text")
-            prior_dim = target.prior_dim if self.prior else None
+            prior_dim = prior_width(target) if self.prior else None
             modules += attach_text(
-                text.layers, text_layers,
+                text, text_layers,
                 lambda: DyPA(text.hidden_size, prior_dim, self.rank, text.condition, quirks.dypa_official_init),
                 "parallel_after_norm" if quirks.dypa_after_ffn_norm else "parallel",
             )
         if self.pgt:
-            pgt = PGT(text.hidden_size, target.prior_dim)
-            target.set_text_merge(pgt)
+            pgt = PGT(text.hidden_size, prior_width(target))
+            target.text_merge = pgt
             modules.append(pgt)
         return modules

@@ -1,11 +1,12 @@
 """PEFT methods by name: a method class registers itself (`@register_method("mapper")`), and every
-`conf/peft/<name>.yaml` builds one through `build_method`, the one `_target_` a method config names.
+`conf/peft/<name>.yaml` builds one through `build_method`, the one `_target_` a method config names
+(`METHOD_BUILDER` in src/config.py).
 
 A method config stores two names: `name`, the configuration's own (`lora`, `mapper_no_dypa`: run names,
 results lines, checkpoints), and `method`, the registered class it builds (`peft_library`, `mapper`).
-A stored config may only name a registered method (src/trust.py): the suite's own (every module of this
-package, imported on first lookup) and those of the modules in the user's `plugins` (src/plugins.py).
-Checkpoints written before the registry named the class itself; `LEGACY_TARGETS` maps those names.
+A stored config may only name a registered method (src/storage/trust.py): the suite's own (every module of
+this package, imported on first lookup) and those of the modules in the user's `plugins` (src/config.py).
+Checkpoints written before the registry named the class itself (`LEGACY_METHOD_TARGETS` in src/config.py).
 """
 
 from __future__ import annotations
@@ -17,22 +18,14 @@ from dataclasses import fields, is_dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from src.config import LEGACY_METHOD_TARGETS, METHOD_BUILDER
 from src.errors import ConfigError
 
 if TYPE_CHECKING:
     from src.models.peft.base import PeftMethod
 
 PACKAGE = "src.models.peft"
-BUILDER = f"{PACKAGE}.registry.build_method"
-# The `_target_` each method config named before the registry, and the registered method it was.
-LEGACY_TARGETS: Mapping[str, str] = {
-    f"{PACKAGE}.mapper.Mapper": "mapper",
-    f"{PACKAGE}.library.LibraryPeft": "peft_library",
-    f"{PACKAGE}.bottleneck.Adapter": "adapter",
-    f"{PACKAGE}.bottleneck.AdaptFormer": "adaptformer",
-    f"{PACKAGE}.base.Frozen": "frozen",
-    f"{PACKAGE}.base.Full": "full",
-}
+
 # The parts of the grounder a method may train (`PeftMethod.trains`): modules it adds inside the chosen
 # layers of a backbone, a module merging the prior into the text features, a backbone's own weights.
 Part = Literal["vision_layers", "text_layers", "text_merge", "vision_weights", "text_weights"]
@@ -102,14 +95,14 @@ def build_method(method: str, name: str, **settings: Any) -> PeftMethod:
 
 def current_form(config: Mapping[str, Any], choice: str | None) -> dict[str, Any]:
     """A stored method config in today's form: one written before the registry (`_target_` a class of
-    `LEGACY_TARGETS`) builds that class's registered method, named `choice` (the `peft=` it was trained
+    `LEGACY_METHOD_TARGETS`) builds that class's registered method, named `choice` (the `peft=` it was trained
     with, when the checkpoint records it) or after the method."""
     target = config.get("_target_")
-    if target not in LEGACY_TARGETS:
+    if target not in LEGACY_METHOD_TARGETS:
         return dict(config)
-    method = LEGACY_TARGETS[target]
+    method = LEGACY_METHOD_TARGETS[target]
     settings = {k: v for k, v in config.items() if k != "_target_"}
-    return {"_target_": BUILDER, "name": choice or method, "method": method, **settings}
+    return {"_target_": METHOD_BUILDER, "name": choice or method, "method": method, **settings}
 
 
 def _path(cls: type) -> str:

@@ -14,8 +14,8 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from src.checkpoints import load_checkpoint_file
 from src.errors import ConfigError, UserError
+from src.storage.checkpoints import load_checkpoint_file
 
 log = logging.getLogger(__name__)
 

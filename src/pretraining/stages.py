@@ -1,7 +1,7 @@
 """The synthetic benchmark's own preparation: cached pretraining stages for random-init tiny backbones.
 
 Run by every process before its model is built; the stages' caches are built once (the first process
-builds, concurrent ones, e.g. DDP ranks on a node, wait for it: `src.weights_cache.exclusive`) and read
+builds, concurrent ones, e.g. DDP ranks on a node, wait for it: `src.storage.weights_cache`) and read
 by all. Benchmarks with pretrained backbones need none of it.
 """
 
@@ -15,8 +15,8 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.models.encoders import PriorSettings, TextSettings
-from src.pretrain_text import TextPretraining, bert_tower, clip_tower, ensure_pretrained_text
-from src.pretrain_vision import VisionPretraining, ensure_pretrained_vit
+from src.pretraining.text import TextPretraining, clip_tower, ensure_pretrained_text, text_tower
+from src.pretraining.vision import VisionPretraining, ensure_pretrained_vit
 from src.quirks import ModelQuirks
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,10 @@ def apply_backbone_pretraining(cfg: DictConfig, datamodule: L.LightningDataModul
         bert_tok, clip_tok = datamodule.tokenizers()
         text, prior = TextSettings(**plain(model.text)), PriorSettings(**plain(model.prior))
         token_type = not quirks.bert_without_token_type  # the official BERT has no token-type table
-        bert = partial(bert_tower, text, token_type=token_type)
+        tower = partial(text_tower, text, token_type=token_type)
         stage = TextPretraining(**text_stage)
-        paths["text"] = ensure_pretrained_text(corpus, "bert", text.config, bert, bert_tok, model.max_query_len,
+        # the family names the tower in the cache key ("bert" as before other families existed)
+        paths["text"] = ensure_pretrained_text(corpus, text.arch, text.config, tower, bert_tok, model.max_query_len,
                                                stage, cache, variant={"token_type": token_type})
         paths["prior"] = ensure_pretrained_text(corpus, "clip", prior.config, partial(clip_tower, prior), clip_tok,
                                                 model.max_query_len, stage, cache)

@@ -1,6 +1,6 @@
 """A short, cached pretraining stage for the randomly initialised text towers (BERT and the CLIP prior).
 
-The companion of `src/pretrain_vision.py`: no pretrained language model exists offline, and a frozen
+The companion of `src/pretraining/vision.py`: no pretrained language model exists offline, and a frozen
 random BERT maps each word to a random vector entangled with its position, from which the fusion
 learns to read the phrase very slowly. This stage gives the tiny towers what a pretrained language
 model gives the real one, the meaning of the words: trained on the expressions of a separate
@@ -31,12 +31,12 @@ from src.models.encoders import (
     TextEncoder,
     TextPrior,
     TextSettings,
-    build_bert,
     build_clip_text,
+    build_text,
 )
 from src.progress import Progress
-from src.schedules import one_cycle
-from src.weights_cache import cached_state_dict
+from src.storage.weights_cache import cached_state_dict
+from src.training.schedules import one_cycle
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,10 @@ class TextPretraining:
     seed: int = 0
 
 
-def bert_tower(settings: TextSettings, token_type: bool = True) -> tuple[nn.Module, TowerFn]:
-    """A random BERT built from `settings` (the module to save) and its per-token features."""
-    encoder = TextEncoder(build_bert(settings, pretrained=False, token_type=token_type))
+def text_tower(settings: TextSettings, token_type: bool = True) -> tuple[nn.Module, TowerFn]:
+    """A random text encoder (BERT by default) built from `settings` (the module to save) and its per-token
+    features."""
+    encoder = TextEncoder(build_text(settings, pretrained=False, token_type=token_type))
     return encoder.bert, encoder
 
 
@@ -101,8 +102,8 @@ def ensure_pretrained_text(
     """Path of the pretrained state dict of a text tower, training it first if not cached.
 
     `build()` returns the freshly built module to save and the function giving its per-token
-    features; `tower` ("bert" / "clip"), `tower_config` and `variant` (anything else that changes the
-    built module, e.g. whether BERT has a token-type table) name it in the cache key.
+    features; `tower` (the text family, e.g. "bert", or "clip"), `tower_config` and `variant` (anything
+    else that changes the built module, e.g. whether BERT has a token-type table) name it in the cache key.
     """
     key = {"corpus": corpus.name, "tower": tower, "config": tower_config, "max_len": max_len, **asdict(settings),
            **(variant or {})}

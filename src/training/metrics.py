@@ -9,7 +9,8 @@ from torchvision.ops import box_convert
 
 
 def paired_iou(pred_xyxy: torch.Tensor, target_xyxy: torch.Tensor, eps: float = 1e-16) -> torch.Tensor:
-    """IoU of each predicted box with its own target (N, 4) x (N, 4) -> (N,)."""
+    """IoU of each predicted box with its own target (N, 4) x (N, 4) -> (N,). Not `box_iou(p, t).diag()`:
+    that builds the N x N matrix of every pair (a million entries for a 1,024-sample batch) for N values."""
     lt = torch.maximum(pred_xyxy[:, :2], target_xyxy[:, :2])
     rb = torch.minimum(pred_xyxy[:, 2:], target_xyxy[:, 2:])
     inter = (rb - lt).clamp(min=0).prod(dim=1)
@@ -61,7 +62,7 @@ class GroundingAccuracy(Metric):
 
 class SampleIoU(Metric):
     """Every evaluated sample's IoU with its index in the split, gathered from every process: the per-sample
-    record of a test split (`src.samples`), which paired comparisons of methods resample."""
+    record of a test split (`src.analysis.samples`), which paired comparisons of methods resample."""
 
     is_differentiable = False
     full_state_update = False

@@ -18,10 +18,10 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
 from src.errors import ConfigError
-from src.metrics import canvas_iou
 from src.progress import Progress, duration
-from src.report import canvas_with_boxes
-from src.resume import check_processes
+from src.training.metrics import canvas_iou
+from src.training.report import canvas_with_boxes
+from src.training.resume import check_processes
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ class LastCheckpoint(Checkpoint):
     epoch-end hook of the checkpointing callbacks after the others', and the best-checkpoint tracker records the
     epoch there, so the epoch-end `last.ckpt` carries that record (saved before it, a resumed run forgot the best).
     Loggers are flushed before each save, and again at the next step, so their files hold every row up to the save.
+    Not `ModelCheckpoint(save_last=True, every_n_train_steps=...)`: that `last.ckpt` is written from the tracker's
+    own hooks, where a resumed run was seen to forget its best checkpoint (tests/test_resume.py); this class
+    orders its save after the tracker's update explicitly.
     """
 
     def __init__(self, dirpath: str | Path, every_n_steps: int = 200, filename: str = "last.ckpt") -> None:

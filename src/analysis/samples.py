@@ -1,5 +1,5 @@
 """Per-sample test outcomes: which test samples a run got right, kept so that runs can be compared sample by
-sample (`src.statistics`), not only by their per-split accuracy.
+sample (`src.analysis.statistics`), not only by their per-split accuracy.
 
 A run's results line carries, per test split, its Acc@0.5 outcome of every sample as a bitset (`sample_hits`:
 1,000 samples take 168 characters), so that the outcomes travel with the line wherever it is copied. The run

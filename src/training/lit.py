@@ -17,7 +17,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MeanMetric
 
-from src.checkpoints import (
+from src.data.problems import SkippedRecords
+from src.errors import UserError
+from src.models.grounder import Grounder, GrounderOutput
+from src.storage.checkpoints import (
     CHECKPOINT_FORMAT,
     MODEL_PREFIX,
     check_fingerprint,
@@ -26,11 +29,8 @@ from src.checkpoints import (
     strip_prefix,
     trainable_state,
 )
-from src.data.problems import SkippedRecords
-from src.errors import UserError
-from src.losses import GroundingLoss
-from src.metrics import GroundingAccuracy, SampleIoU, split_metric_key
-from src.models.grounder import Grounder, GrounderOutput
+from src.training.losses import GroundingLoss
+from src.training.metrics import GroundingAccuracy, SampleIoU, split_metric_key
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,11 @@ from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
 
 def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, floor: float = 0.0) -> LambdaLR:
-    """Linear warm-up for `warmup_steps`, then cosine decay to `floor` x the base LR at `total_steps`."""
+    """Linear warm-up for `warmup_steps`, then cosine decay to `floor` x the base LR at `total_steps`.
+
+    One closed-form factor rather than SequentialLR(LinearLR, CosineAnnealingLR): the floor is relative to each
+    optimiser group's own LR (CosineAnnealingLR's `eta_min` is one absolute LR for every group, and the groups
+    train at different LRs), and the value at a step does not depend on a chain of earlier steps."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:

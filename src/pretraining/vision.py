@@ -27,8 +27,8 @@ from src.data.synthetic import COLOURS, SHAPES, record_attributes, split_path
 from src.data.transforms import EvalTransform
 from src.models.encoders import VisionSettings, build_vit
 from src.progress import Progress
-from src.schedules import one_cycle
-from src.weights_cache import cached_state_dict
+from src.storage.weights_cache import cached_state_dict
+from src.training.schedules import one_cycle
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Figures of a results table: accuracy against tunable backbone parameters across ranks (the rank figure,
-beside the MaPPER paper's Figure 1), and each group's mean with its paired differences (`src.statistics`).
+beside the MaPPER paper's Figure 1), and each group's mean with its paired differences (`src.analysis.statistics`).
 
 `python -m src.results DIR --rank-figure out.png` writes the rank figure; the comparison notebook draws both.
 """
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from src.analysis.statistics import Estimate, Row, Statistics
+from src.analysis.table import recipe_differences, setting_cell, split_names
 from src.errors import ConfigError
-from src.results import recipe_differences, setting_cell, split_names
-from src.statistics import Estimate, Row, Statistics
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -1,6 +1,6 @@
 """Is A better than B? Each group's Acc@0.5 with a 95% interval, and its paired difference to reference groups.
 
-A group is a row of the results table (`src.results`: runs of one kind and recipe that differ only in their
+A group is a row of the results table (`src.analysis.table`: runs of one kind and recipe that differ only in their
 seed). For every group and test split this module gives the mean Acc@0.5 over the seeds with its 95% interval,
 and, against each reference (by default the `frozen` and `mapper` groups of the same benchmark, kind and
 recipe but for the method's own settings), the difference of the means, paired by seed (the same seed of both
@@ -8,7 +8,7 @@ methods, on the same test set), with its 95% interval. A difference is *resolved
 
 Two methods, chosen per figure by what the runs recorded:
 
-* `bootstrap`, when every run involved carries its per-sample outcomes (`sample_hits`, `src.samples`): a
+* `bootstrap`, when every run involved carries its per-sample outcomes (`sample_hits`, `src.analysis.samples`): a
   hierarchical bootstrap over seeds and test samples. Each of `replicates` replicates draws the seeds with
   replacement (for a difference: the paired seeds, each draw taking the seed's run of both methods) and the test
   samples with replacement; every seed and both methods are scored on the same drawn samples, because they share
@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from src.analysis.samples import read_hits
+from src.analysis.table import flatten, recipe_differences, setting_cell, split_names
 from src.errors import ConfigError
-from src.results import flatten, recipe_differences, setting_cell, split_names
-from src.samples import read_hits
 
 LEVEL = 0.95
 REPLICATES = 2000
@@ -213,7 +213,7 @@ class Resampled:
 
 
 class Statistics:
-    """The statistics of a results table: its entries (`src.results.summarise`) and the runs they average."""
+    """The statistics of a results table: its entries (`src.analysis.table.summarise`) and the runs they average."""
 
     def __init__(self, entries: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]],
                  replicates: int = REPLICATES) -> None:

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-
-
-@contextlib.contextmanager
-def exclusive(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `<path>.lock` (created if needed): of several processes preparing the
-    same cache entry (DDP ranks, sweep jobs), one builds it while the others wait, then find it built."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+from filelock import FileLock
 
 
 def cached_state_dict(
@@ -33,13 +19,14 @@ def cached_state_dict(
     """Path of `<cache_dir>/<name>-synthetic-<hash of key>.pt`, calling `train()` for its state dict if missing.
 
     The file is written to a temporary sibling and renamed, so a crashed run never leaves a half-written
-    cache entry; concurrent processes wait for the one that builds it (`exclusive`).
+    cache entry; concurrent processes (DDP ranks, sweep jobs) wait for the one that builds it (filelock's FileLock).
     """
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"{name}-synthetic-{digest}.pt"
     if path.exists():
         return path
-    with exclusive(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_name(path.name + ".lock")):
         if path.exists():  # built by another process while this one waited
             return path
         state = train()

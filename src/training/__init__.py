@@ -1,0 +1,1 @@
+"""Training: the LightningModule, its loss, metrics and schedules, callbacks, loggers and resuming."""
