@@ -78,7 +78,11 @@ def trained_parts(model: Grounder, plain: Grounder) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("name", method_names())
 def test_exactly_what_the_method_declares_trains(name: str):
-    method, model = built(name)
+    check_trains_what_it_declares(name, *built(name))
+
+
+def check_trains_what_it_declares(name: str, method: PeftMethod, model: Grounder) -> None:
+    """The whole head trains, and of the backbones exactly the parts `method` declares (`trains`)."""
     plain = tiny_with("frozen")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     head = [n for n in trainable if n.startswith(HEAD)]
@@ -109,11 +113,15 @@ def test_the_suites_methods_train_exactly_these_tensors(name: str):
 
 @pytest.mark.parametrize("name", method_names())
 def test_method_starts_as_it_declares_on_the_frozen_backbones(name: str):
-    """Backbone outputs with the method injected equal the plain frozen backbones' where the method says it
-    starts as an exact no-op, up to float rounding where it says so (DoRA)."""
     method, model = built(name)
     if method.no_op_start == "no":
         pytest.skip(f"{name} does not start as a no-op")
+    check_starts_as_declared(method, model)
+
+
+def check_starts_as_declared(method: PeftMethod, model: Grounder) -> None:
+    """Backbone outputs with the method injected equal the plain frozen backbones' where the method says it
+    starts as an exact no-op, up to float rounding where it says so (DoRA)."""
     model.eval()
     plain = tiny_with("frozen").eval()
     plain.vision.load_state_dict(base_state(model.vision))
