@@ -68,6 +68,7 @@ class LibraryPeft(PeftMethod):
 
     @property
     def trains(self) -> frozenset[Part]:
+        """The layers of each backbone it has targets in."""
         return frozenset(part for part, targets in (("vision_layers", self.vision_targets),
                                                     ("text_layers", self.text_targets)) if targets)
 

@@ -165,6 +165,7 @@ class Mapper(PeftMethod):
 
     @property
     def trains(self) -> frozenset[Part]:
+        """The parts its switched-on components train: LoCA, DyPA, PGT."""
         switches = (("vision_layers", self.loca), ("text_layers", self.dypa), ("text_merge", self.pgt))
         return frozenset(part for part, on in switches if on)
 

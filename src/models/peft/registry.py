@@ -93,17 +93,17 @@ def build_method(method: str, name: str, **settings: Any) -> PeftMethod:
     return cls(**settings)
 
 
-def current_form(config: Mapping[str, Any], choice: str | None) -> dict[str, Any]:
+def current_form(config: Any, choice: str | None) -> Any:
     """A stored method config in today's form: one written before the registry (`_target_` a class of
     `LEGACY_METHOD_TARGETS`) builds that class's registered method, named `choice` (the `peft=` it was trained
-    with, when the checkpoint records it) or after the method."""
-    target = config.get("_target_")
-    if target not in LEGACY_METHOD_TARGETS:
-        return dict(config)
-    method = LEGACY_METHOD_TARGETS[target]
+    with, when the checkpoint records it) or after the method; any other as it is."""
+    if not isinstance(config, Mapping) or config.get("_target_") not in LEGACY_METHOD_TARGETS:
+        return config
+    method = LEGACY_METHOD_TARGETS[config["_target_"]]
     settings = {k: v for k, v in config.items() if k != "_target_"}
     return {"_target_": METHOD_BUILDER, "name": choice or method, "method": method, **settings}
 
 
 def _path(cls: type) -> str:
+    """Where a class is defined, `module.QualName`: the same class imported twice registers once."""
     return f"{cls.__module__}.{cls.__qualname__}"
