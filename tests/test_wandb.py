@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +41,17 @@ def run_records(path: Path) -> Iterator[pb.Record]:
             yield record
 
 
+def finished_run_records(path: Path, timeout: float = 60.0) -> list[pb.Record]:
+    """The run file's records once its `exit` record is written: W&B's service may still be writing the file
+    when `wandb.finish()` has returned (seen under load: a file without any history record yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(run_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_offline_run_holds_metrics_config_and_prediction_tables(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -48,7 +60,7 @@ def test_offline_run_holds_metrics_config_and_prediction_tables(tmp_path: Path, 
     assert wandb.run is None  # finished: a sweep's next job in this process gets a run of its own
     [run_dir] = (tmp_path / "run" / "wandb").glob("offline-run-*")
     history, config, pictures, captions, table_files = set(), set(), [], [], set()
-    for record in run_records(next(run_dir.glob("run-*.wandb"))):
+    for record in finished_run_records(next(run_dir.glob("run-*.wandb"))):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history |= {item.key or "/".join(item.nested_key) for item in record.history.item}
