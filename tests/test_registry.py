@@ -63,6 +63,7 @@ def test_unknown_methods_and_settings_are_one_line_naming_the_key() -> None:
 
 
 def test_a_name_is_registered_once() -> None:
+    assert "mapper" in registered_methods()
     with pytest.raises(ConfigError, match="'mapper' is registered twice"):
         register_method("mapper")(type("Other", (), {}))
 
