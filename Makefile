@@ -31,10 +31,10 @@ run: setup
 	$(PY) -m src.run $(ARGS)
 
 # The demo page on http://127.0.0.1:7860: CKPT=path [CKPT_B=path] (ARGS: more key=value options of src.demo).
-# Without CKPT: the newest best checkpoint of the default job under outputs/train/, trained first (make run,
+# Without CKPT: the newest best checkpoint of the default job under outputs/mapper_synthetic/, trained first (make run,
 # about 4 minutes on a CPU) when there is none.
 demo: setup
-	@ckpt="$(CKPT)"; newest() { ls -t outputs/train/*/checkpoints/best-*.ckpt 2>/dev/null | head -n 1; }; \
+	@ckpt="$(CKPT)"; newest() { ls -t outputs/mapper_synthetic/*/checkpoints/best-*.ckpt 2>/dev/null | head -n 1; }; \
 	if [ -z "$$ckpt" ] && [ -z "$$(newest)" ]; then \
 		echo "no checkpoint yet: training the default job first (make run)"; $(MAKE) --no-print-directory run ARGS= || exit 1; \
 	fi; \

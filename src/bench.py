@@ -1,6 +1,6 @@
 """Training and evaluation speed and memory per PEFT method: `python -m src.bench [options] [overrides]`.
 
-    python -m src.bench                                   # full-size MaPPER, LoRA, Adapter, full FT; CPU fp32
+    python -m src.bench                                   # full size, one method of each kind; CPU fp32
     python -m src.bench methods=mapper,lora device=cuda precision=bf16 steps=20
     python -m src.bench methods=mapper model=mapper_tiny batch=8 out=bench.json
 
@@ -9,7 +9,8 @@ times `steps` training steps (forward, loss, backward, optimiser step) and `step
 on random inputs of the configured size (default: `model=mapper_base model.pretrained=false`, 518 px,
 query length 20, batch 2), and records the median, min and spread (max - min) of each, images/s and
 peak memory: on CPU the RSS high-water mark of the timed phase, on GPU the peak allocated memory.
-Options (key=value): `methods=` (comma-separated peft configs), `steps=5`, `warmup=1`, `batch=2`,
+Options (key=value): `methods=` (comma-separated peft configs; default: one of each kind, every method config
+that varies no other: `python -m src.methods` lists them), `steps=5`, `warmup=1`, `batch=2`,
 `device=auto|cpu|cuda`, `precision=fp32|bf16` (bf16 autocast; weights stay fp32), `out=FILE.json`,
 `data=true|false` (also measure the data pipeline). Anything else is a Hydra override of the model.
 Prints a line per method as its process ends and a markdown table at the end; `out=` also writes the figures
@@ -33,9 +34,10 @@ from typing import Any
 
 import torch
 
+from src.methods import base_method_names
 from src.progress import duration
 
-OPTIONS = {"methods": "mapper,lora,adapter,full", "steps": "5", "warmup": "1", "batch": "2", "device": "auto",
+OPTIONS = {"methods": ",".join(base_method_names()), "steps": "5", "warmup": "1", "batch": "2", "device": "auto",
            "precision": "fp32", "out": "", "data": "true"}
 # mapper_base is the paper's size: 518 px, query length 20
 MODEL_DEFAULTS = ["model=mapper_base", "model.pretrained=false", "vision_pretraining=null", "text_pretraining=null",

@@ -17,6 +17,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     """Tensor count, parameter count and bytes of a checkpoint's weights, and what it was trained as."""
     stored = read_stored(path)
     state, config, prints, choices = stored.state, stored.config, stored.fingerprint, stored.choices
+    peft = config.get("peft") or {}
     return {
         "file": str(path),
         "file_bytes": Path(path).stat().st_size,
@@ -24,7 +25,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "values": sum(t.numel() for t in state.values()),
         "weight_bytes": sum(t.numel() * t.element_size() for t in state.values()),
         "rebuilt_frozen_tensors": len(prints),
-        "method": choices.get("peft") or (config.get("peft") or {}).get("_target_"),
+        "method": peft.get("name") or choices.get("peft") or peft.get("_target_"),
         "model_mode": (config.get("model") or {}).get("mode"),
         "seed": config.get("seed"),
     }

@@ -1,7 +1,9 @@
-"""Composing the suite's Hydra configuration outside `src.run` (CLIs, tests, notebooks)."""
+"""Composing the suite's Hydra configuration outside `src.run` (CLIs, tests, notebooks), the user's plugins,
+and how a config names a PEFT method (today, and in checkpoints written before the method registry)."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -10,17 +12,52 @@ from typing import Any
 import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+# The one `_target_` of every method config: it builds the registered method `peft.method`
+# (src/models/peft/registry.py).
+METHOD_BUILDER = "src.models.peft.registry.build_method"
+# What checkpoints written before the method registry stored as `peft._target_`: each method's class, and
+# the registered method it is.
+LEGACY_METHOD_TARGETS: Mapping[str, str] = {
+    "src.models.peft.mapper.Mapper": "mapper",
+    "src.models.peft.library.LibraryPeft": "peft_library",
+    "src.models.peft.bottleneck.Adapter": "adapter",
+    "src.models.peft.bottleneck.AdaptFormer": "adaptformer",
+    "src.models.peft.base.Frozen": "frozen",
+    "src.models.peft.base.Full": "full",
+}
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
-    """The run configuration with `overrides` applied, as `python -m src.run` would see it."""
+    """The run configuration with `overrides` applied, as `python -m src.run` would see it: its `plugins`
+    imported (they register their methods and benchmarks)."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=False)
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=False)
+    import_plugins(cfg)
+    return cfg
+
+
+def import_plugins(cfg: Mapping[str, Any]) -> None:
+    """Import every module the user's `plugins` names: a user's own code joins the suite this way, each module
+    registering what it defines (`register_method`, `register_benchmark`; docs/EXTENDING.md). Only the config
+    the user composed names plugins, never a checkpoint's stored one. A module that cannot be imported is a
+    ConfigError naming it."""
+    plugins = cfg.get("plugins") or []
+    if OmegaConf.is_config(plugins):
+        plugins = OmegaConf.to_container(plugins)
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f"plugins must be a list of module names, e.g. plugins=[mypkg.methods]; got {plugins!r}")
+    for name in plugins:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(
+                f"plugins: cannot import {name!r} ({err}); put its folder on PYTHONPATH or install its package"
+            ) from None
 
 
 def checked_fields(cls: type, config: Mapping[str, Any] | None, what: str) -> dict[str, Any]:

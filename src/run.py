@@ -32,7 +32,9 @@ from src.analysis.table import (
     results_file,
     weights_digest,
 )
+from src.config import import_plugins
 from src.errors import ConfigError, as_user_error, reported_errors
+from src.models.peft.registry import current_form
 from src.params import format_report, parameter_report
 from src.pretraining.stages import apply_backbone_pretraining
 from src.storage.checkpoints import StoredCheckpoint, load_checkpoint_file, load_into, read_stored
@@ -88,13 +90,16 @@ def resolved(cfg: DictConfig) -> dict:
     return out
 
 
-def adopt_checkpoint_model(cfg: DictConfig, stored: dict, source: str) -> None:
+def adopt_checkpoint_model(cfg: DictConfig, stored: dict, source: str, choices: dict[str, str] | None = None) -> None:
     """Evaluate a checkpoint as what it was trained as: the settings that decide its weights (model,
     PEFT method, seed, backbone pretraining stages) replace the command line's, since frozen backbones
     are rebuilt from them; data, trainer and logging stay as configured (test it on another benchmark).
+    A method config written before the method registry gets today's form, named by the `peft=` choice
+    the checkpoint records (`choices`).
 
-    The stored settings are data: they may only name the suite's own classes (or those configured
-    here) and hold plain values (`src.storage.trust`); anything else is refused before it is used."""
+    The stored settings are data: they may only name the suite's own classes and registered methods (or
+    those configured here) and hold plain values (`src.storage.trust`); anything else is refused before it
+    is used."""
     if not stored:
         log.warning("the checkpoint carries no config: evaluating it with the model configured here")
         return
@@ -102,8 +107,8 @@ def adopt_checkpoint_model(cfg: DictConfig, stored: dict, source: str) -> None:
     with open_dict(cfg):
         for key in WEIGHT_SETTINGS:
             if key in stored:
-                cfg[key] = stored[key]
-    log.info("model, peft and seed taken from the checkpoint (%s)", cfg.peft.get("_target_"))
+                cfg[key] = current_form(stored[key], (choices or {}).get("peft")) if key == "peft" else stored[key]
+    log.info("model, peft and seed taken from the checkpoint (peft=%s)", cfg.peft.get("name"))
 
 
 # Precisions that cast the weights themselves: the box head, loss and metric are fp32 by design.
@@ -284,7 +289,7 @@ def prepare(cfg: DictConfig) -> StoredCheckpoint | None:
     if not cfg.get("ckpt_path") or cfg.train:
         return None
     stored = read_stored(cfg.ckpt_path)
-    adopt_checkpoint_model(cfg, stored.config, str(cfg.ckpt_path))
+    adopt_checkpoint_model(cfg, stored.config, str(cfg.ckpt_path), stored.choices)
     return stored
 
 
@@ -466,8 +471,10 @@ def record_failure(cfg: DictConfig, progress: RunProgress, err: Exception, secon
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point: a UserError ends the run with one `error: ...` message (HYDRA_FULL_ERROR=1: traceback)."""
+    """Hydra entry point: the configured plugins imported, then the run; a UserError ends it with one
+    `error: ...` message (HYDRA_FULL_ERROR=1: traceback)."""
     with reported_errors():
+        import_plugins(cfg)
         return run(cfg)
 
 

@@ -6,10 +6,12 @@ import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -64,3 +66,17 @@ TINY_MODEL = dict(
     fusion=dict(dim=32, heads=2, ffn_dim=64, layers=2, dropout=0.0),
     adapter_layers=dict(vision=[1, 3], text=[1, 3]),
 )
+
+# Smaller modules for the methods whose defaults are large beside the tiny model, by registered method.
+SMALL_METHODS: dict[str, dict[str, int]] = {
+    "mapper": dict(rank=4, loca_hidden=12, loca_branch1=8, loca_branch2_mid=4, loca_branch2_out=4),
+}
+
+
+def at_test_size(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
+    """`cfg` (in place) with its PEFT method's modules shrunk as SMALL_METHODS says, but for the settings
+    `overrides` (the overrides `cfg` was composed with) set."""
+    given = {o.split("=", 1)[0] for o in overrides}
+    small = SMALL_METHODS.get(cfg.peft.get("method"), {})
+    cfg.peft.update({k: v for k, v in small.items() if f"peft.{k}" not in given})
+    return cfg

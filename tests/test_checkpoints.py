@@ -11,6 +11,7 @@ from omegaconf import OmegaConf, open_dict
 
 from src.analysis.table import RESULTS_NAME, summarise
 from src.config import compose
+from src.methods import method_names
 from src.run import build_module, run
 from src.storage.checkpoints import (
     CHECKPOINT_FORMAT,
@@ -20,19 +21,14 @@ from src.storage.checkpoints import (
     read_checkpoint,
     trainable_state,
 )
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, at_test_size
 from tests.test_default_job import TINY_JOB
 from tests.test_model import inputs
 
-SMALL_MAPPER = ["peft.rank=4", "peft.loca_hidden=12", "peft.loca_branch1=8", "peft.loca_branch2_mid=4",
-                "peft.loca_branch2_out=4"]
-METHODS = {"mapper": SMALL_MAPPER, "lora": [], "dora": [], "ia3": [], "adapter": [], "adaptformer": [], "full": [],
-           "frozen": []}
-
 
 def module_for(peft: str, *overrides: str, seed: int = 0):
-    """A tiny GroundingModule as `src.run` builds it, frozen backbones from `seed`."""
-    cfg = compose([f"peft={peft}", *METHODS.get(peft, []), *overrides])
+    """A tiny GroundingModule as `src.run` builds it, its method at test size, frozen backbones from `seed`."""
+    cfg = at_test_size(compose([f"peft={peft}", *overrides]), overrides)
     with open_dict(cfg):
         cfg.model = OmegaConf.merge(cfg.model, TINY_MODEL)
         cfg.paths.output_dir = "unused"
@@ -60,13 +56,13 @@ def save(module, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("peft", sorted(METHODS))
+@pytest.mark.parametrize("peft", method_names())
 def test_round_trip_gives_identical_outputs(peft: str, tmp_path: Path):
     trained = module_for(peft)
     pretend_training(trained)
     path = save(trained, tmp_path / "run.ckpt")
     state, config, prints = read_checkpoint(path)
-    assert config["peft"]["_target_"] == trained.config["peft"]["_target_"]
+    assert config["peft"]["name"] == trained.config["peft"]["name"] == peft
     fresh = module_for(peft)  # the frozen backbones are rebuilt from config (same seed), never stored
     load_into(fresh.model, state, prints, str(path))
     x = inputs()
@@ -147,7 +143,7 @@ def test_evaluating_a_checkpoint_needs_nothing_but_the_checkpoint(tmp_path: Path
         out = tmp_path / f"eval{i}"
         run(compose([*common, f"paths.output_dir={out}", "train=false", f"ckpt_path={path}"]))
         again = json.loads((out / "results.json").read_text())
-        assert again["config"]["peft"]["_target_"].endswith("LibraryPeft") and again["config"]["seed"] == 5
+        assert again["config"]["peft"]["name"] == "lora" and again["config"]["seed"] == 5
         assert again["splits"] == trained["splits"]
         assert again["shuffled_text"] == trained["shuffled_text"]
     # Their results lines: evaluations of the same weights (the .ckpt and its export), in the training run's

@@ -23,15 +23,15 @@ from omegaconf import open_dict
 from src.analysis.samples import SAMPLES_FILE, read_samples
 from src.analysis.table import RESULTS_NAME
 from src.config import compose
+from src.methods import method_names
 from src.run import build_seeded_module, trainer_settings
 from src.storage.checkpoints import read_checkpoint, trainable_state
-from tests.test_checkpoints import METHODS, module_for, save
+from tests.test_checkpoints import module_for, save
 from tests.test_datamodule import make_benchmark_root, make_referit_root
 from tests.test_model import inputs
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BOX = torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.5]])
-ABLATIONS = ["mapper_no_loca", "mapper_no_dypa", "mapper_no_pgt", "mapper_no_prior"]
 
 
 def one_step_grads(module) -> dict[str, torch.Tensor | None]:
@@ -43,9 +43,9 @@ def one_step_grads(module) -> dict[str, torch.Tensor | None]:
     return {n: p.grad for n, p in module.model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("peft", sorted(set(METHODS) - {"frozen"} | {"loha", "lokr", *ABLATIONS}))
+@pytest.mark.parametrize("peft", method_names())
 def test_every_trainable_parameter_gets_a_gradient_so_plain_ddp_works(peft: str) -> None:
-    grads = one_step_grads(module_for(peft, *(["peft.rank=4"] if peft.startswith("mapper_") else [])))
+    grads = one_step_grads(module_for(peft))
     unused = [n for n, g in grads.items() if g is None]
     assert grads and not unused, f"{peft}: plain DDP would stop at the first backward: {unused[:5]}"
 

@@ -13,7 +13,7 @@ from tests.conftest import PROJECT_ROOT
 SRC = PROJECT_ROOT / "src"
 # The commands users run (`python -m src.<name>`); `src.data.check` is the data doctor's.
 ENTRY_POINTS = {"src.run", "src.predict", "src.bench", "src.params", "src.results", "src.checkpoints",
-                "src.convert_official", "src.demo", "src.data.check"}
+                "src.convert_official", "src.demo", "src.methods", "src.data.check"}
 ENTRY_PACKAGES = {"demo"}  # a command in several modules (`python -m src.demo`)
 # The shared basics every package may use.
 BASICS = {"src.errors", "src.config", "src.quirks", "src.progress"}

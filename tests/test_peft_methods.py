@@ -1,4 +1,8 @@
-"""Every PEFT method: what trains is exactly what the method says, no-op starts, settings, rank sweeps."""
+"""Every PEFT method config: exactly what it declares trains, it starts as it declares, settings, rank sweeps.
+
+The matrix is the suite's method configs (`src.methods.method_names`) and what each method declares
+about itself (`trains`, `no_op_start`); a new method config is tested by being there.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,13 @@ import torch
 from hydra.utils import instantiate
 
 from src.config import compose
-from src.models.grounder import build_grounder
+from src.methods import method_names
+from src.models.grounder import Grounder, build_grounder
+from src.models.peft.base import PeftMethod
 from src.models.peft.bottleneck import Adapter, AdaptFormer
 from src.models.peft.library import LibraryPeft
 from src.models.peft.mapper import DyPA, Mapper
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, at_test_size
 from tests.test_checkpoints import module_for
 from tests.test_model import inputs
 
@@ -22,65 +28,110 @@ HEAD = ("visu_proj.", "text_proj.", "reg_token.", "pos_embed.", "fusion.", "head
 VIT = r"vision\.vit\.blocks\.(1|3)\."
 BERT = r"text\.bert\.encoder\.layer\.(1|3)\."
 LORA_TARGETS = rf"({VIT}attn\.(qkv|proj)|{BERT}attention\.(self\.(query|key|value)|output\.dense))"
-SMALL_MAPPER = dict(rank=4, loca_hidden=12, loca_branch1=8, loca_branch2_mid=4, loca_branch2_out=4)
+# Where each part a method may train lies in the tiny model, whose adapter layers are 1 and 3 of both backbones.
+PART_TENSORS = {"vision_layers": VIT, "text_layers": BERT, "text_merge": r"text_merge\.",
+                "vision_weights": r"vision\.", "text_weights": r"text\."}
 
-# method config name -> (overrides, regex every trainable non-head tensor must match, how many there are)
-METHODS = {
-    "lora": ([], rf"{LORA_TARGETS}\.lora_(A|B)\.default\.weight", 2 * 2 * 6),
-    "dora": ([], rf"{LORA_TARGETS}\.(lora_(A|B)|lora_magnitude_vector)\.default\.weight", 2 * 3 * 6),
-    "ia3": ([], rf"({VIT}(attn\.qkv|mlp\.fc2)|{BERT}(attention\.self\.(key|value)|output\.dense))\.ia3_l\.default",
+# The suite's own methods, tensor by tensor: regex every trainable non-head tensor must match, how many there are.
+TENSORS = {
+    "lora": (rf"{LORA_TARGETS}\.lora_(A|B)\.default\.weight", 2 * 2 * 6),
+    "dora": (rf"{LORA_TARGETS}\.(lora_(A|B)|lora_magnitude_vector)\.default\.weight", 2 * 3 * 6),
+    "ia3": (rf"({VIT}(attn\.qkv|mlp\.fc2)|{BERT}(attention\.self\.(key|value)|output\.dense))\.ia3_l\.default",
             2 * 5),
-    "loha": ([], rf"{LORA_TARGETS}\.hada_(w1|w2)_(a|b)\.default", 2 * 4 * 6),
-    "lokr": ([], rf"{LORA_TARGETS}\.lokr_w(1|2|2_a|2_b)\.default", None),
-    "adapter": ([], rf"({VIT}mlp|{BERT}output)\.adapter\.(down|up)\.(weight|bias)", 2 * 2 * 4),
-    "adaptformer": ([], rf"({VIT}mlp|{BERT}output)\.adapter\.(down|up)\.(weight|bias)", 2 * 2 * 4),
-    "mapper": ([f"peft.{k}={v}" for k, v in SMALL_MAPPER.items()],
-               rf"({VIT}mlp\.adapter\.(fc1|fc2|branch1|branch2)\..*|{BERT}output\.adapter\.\w+\.(weight|bias)"
+    "loha": (rf"{LORA_TARGETS}\.hada_(w1|w2)_(a|b)\.default", 2 * 4 * 6),
+    "lokr": (rf"{LORA_TARGETS}\.lokr_w(1|2|2_a|2_b)\.default", None),
+    "adapter": (rf"({VIT}mlp|{BERT}output)\.adapter\.(down|up)\.(weight|bias)", 2 * 2 * 4),
+    "adaptformer": (rf"({VIT}mlp|{BERT}output)\.adapter\.(down|up)\.(weight|bias)", 2 * 2 * 4),
+    "mapper": (rf"({VIT}mlp\.adapter\.(fc1|fc2|branch1|branch2)\..*|{BERT}output\.adapter\.\w+\.(weight|bias)"
                r"|text_merge\.proj\.(weight|bias))", None),
-    "full": ([], r"(vision|text)\..*", None),
-    "frozen": ([], r"(?!)", 0),
+    "full": (r"(vision|text)\..*", None),
+    "frozen": (r"(?!)", 0),
 }
 
 
-def tiny_with(name: str, *overrides: str, mode: str = "clean"):
-    """The tiny test grounder with the PEFT method composed from conf/peft/<name>.yaml."""
-    cfg = compose([f"peft={name}", *overrides])
+def built(name: str, *overrides: str, mode: str = "clean") -> tuple[PeftMethod, Grounder]:
+    """The method config `name` (at test size) and the tiny test grounder built with it."""
+    cfg = at_test_size(compose([f"peft={name}", *overrides]), overrides)
+    method = instantiate(cfg.peft)
     torch.manual_seed(0)
-    return build_grounder(instantiate(cfg.peft), mode=mode, **TINY_MODEL)
+    return method, build_grounder(method, mode=mode, **TINY_MODEL)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_exactly_the_method_trains(name: str):
-    overrides, pattern, count = METHODS[name]
-    model = tiny_with(name, *overrides)
+def tiny_with(name: str, *overrides: str, mode: str = "clean") -> Grounder:
+    """The tiny test grounder with the PEFT method composed from conf/peft/<name>.yaml."""
+    return built(name, *overrides, mode=mode)[1]
+
+
+def trained_parts(model: Grounder, plain: Grounder) -> dict[str, list[str]]:
+    """The trainable non-head tensors of `model` by the part they lie in (`?` for none): a backbone's own
+    weights are those the `plain` (frozen) grounder has too, every other tensor a method brought."""
+    own = {n for n, _ in plain.named_parameters()}
+    parts: dict[str, list[str]] = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad or n.startswith(HEAD):
+            continue
+        candidates = ("vision_weights", "text_weights") if n in own else ("vision_layers", "text_layers", "text_merge")
+        part = next((c for c in candidates if re.match(PART_TENSORS[c], n)), "?")
+        parts.setdefault(part, []).append(n)
+    return parts
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_exactly_what_the_method_declares_trains(name: str):
+    check_trains_what_it_declares(name, *built(name))
+
+
+def check_trains_what_it_declares(name: str, method: PeftMethod, model: Grounder) -> None:
+    """The whole head trains, and of the backbones exactly the parts `method` declares (`trains`)."""
+    plain = tiny_with("frozen")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     head = [n for n in trainable if n.startswith(HEAD)]
-    method = [n for n in trainable if not n.startswith(HEAD)]
     assert {n.split(".")[0] for n in head} == {h.rstrip(".") for h in HEAD}  # the whole head trains
     assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith(HEAD))
+    parts = trained_parts(model, plain)
+    assert "?" not in parts, f"{name} trains tensors outside every part it may train: {parts['?'][:5]}"
+    assert set(parts) == set(method.trains), f"{name} declares {sorted(method.trains)}, trains {sorted(parts)}"
+    tensors = [n for part in parts.values() for n in part]
+    assert set(model.tunable_backbone_names) == set(tensors)
+    if model.prior is not None:
+        assert not any(p.requires_grad for p in model.prior.parameters())
+    assert model.prior is not None or not method.uses_prior
+    if not method.freezes_backbones:  # the backbones are fine-tuned: all their weights
+        assert set(tensors) == {n for n, _ in plain.named_parameters() if n.startswith(("vision.", "text."))}
+
+
+@pytest.mark.parametrize("name", sorted(TENSORS))
+def test_the_suites_methods_train_exactly_these_tensors(name: str):
+    pattern, count = TENSORS[name]
+    model = tiny_with(name)
+    method = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(HEAD)]
     bad = [n for n in method if not re.fullmatch(pattern, n)]
     assert not bad, f"{name} trains tensors it should not: {bad[:5]}"
     if count is not None:
         assert len(method) == count, method
-    assert set(model.tunable_backbone_names) == set(method)
-    if model.prior is not None:
-        assert not any(p.requires_grad for p in model.prior.parameters())
 
 
-@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "loha", "lokr", "adapter", "adaptformer", "mapper"])
-def test_method_starts_as_a_no_op_on_the_frozen_backbones(name: str):
-    """Backbone outputs with the method injected equal the plain frozen backbones' (DoRA: to rounding)."""
-    model = tiny_with(name, *METHODS[name][0]).eval()
+@pytest.mark.parametrize("name", method_names())
+def test_method_starts_as_it_declares_on_the_frozen_backbones(name: str):
+    method, model = built(name)
+    if method.no_op_start == "no":
+        pytest.skip(f"{name} does not start as a no-op")
+    check_starts_as_declared(method, model)
+
+
+def check_starts_as_declared(method: PeftMethod, model: Grounder) -> None:
+    """Backbone outputs with the method injected equal the plain frozen backbones' where the method says it
+    starts as an exact no-op, up to float rounding where it says so (DoRA)."""
+    model.eval()
     plain = tiny_with("frozen").eval()
     plain.vision.load_state_dict(base_state(model.vision))
     plain.text.load_state_dict(base_state(model.text))
     x = inputs()
     prior = model._prior(x["text_ids"], x["text_mask"], x["prior_ids"], x["prior_mask"])
-    exact = name != "dora"  # DoRA rescales W by m / ||W|| with m = ||W||: equal up to float rounding
     for ours, theirs in ((model.vision(x["image"]), plain.vision(x["image"])),
                          (model.text(x["text_ids"], x["text_mask"], condition=prior),
                           plain.text(x["text_ids"], x["text_mask"]))):
-        if exact:
+        if method.no_op_start == "exact":
             assert torch.equal(ours, theirs)
         else:
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
@@ -99,7 +150,9 @@ def base_state(backbone: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_rank_sweeps_every_method_with_a_rank_the_same_way():
-    for name in ("mapper", "lora", "dora", "loha", "lokr", "adapter", "adaptformer"):
+    ranked = [name for name in method_names() if compose([f"peft={name}"]).peft.get("rank") is not None]
+    assert {"mapper", "lora", "adapter"} <= set(ranked)
+    for name in ranked:
         cfg = compose([f"peft={name}", "peft.rank=4"])
         assert instantiate(cfg.peft).rank == 4
     four, eight = tiny_with("lora", "peft.rank=4"), tiny_with("lora", "peft.rank=8")
@@ -170,11 +223,11 @@ def test_bottleneck_placements():
 
 
 def test_mapper_ablations_remove_one_component_each():
-    full = tiny_with("mapper", *METHODS["mapper"][0])
-    no_dypa = tiny_with("mapper_no_dypa", *METHODS["mapper"][0])
-    no_loca = tiny_with("mapper_no_loca", *METHODS["mapper"][0])
-    no_pgt = tiny_with("mapper_no_pgt", *METHODS["mapper"][0])
-    no_prior = tiny_with("mapper_no_prior", *METHODS["mapper"][0])
+    full = tiny_with("mapper")
+    no_dypa = tiny_with("mapper_no_dypa")
+    no_loca = tiny_with("mapper_no_loca")
+    no_pgt = tiny_with("mapper_no_pgt")
+    no_prior = tiny_with("mapper_no_prior")
 
     def has(model, part):
         return any(part in n for n in model.tunable_backbone_names)
@@ -212,7 +265,7 @@ def test_ablation_counts_add_up_at_full_size():
 
 
 def test_official_mode_mapper_is_unchanged_by_the_switches():
-    official = tiny_with("mapper", *METHODS["mapper"][0], mode="official")
+    official = tiny_with("mapper", mode="official")
     assert official.text.layers[1].output.placement == "parallel_after_norm"
     assert official.text.layers[1].output.adapter.unused_prior_down is not None
     copy.deepcopy(official)  # the dropout bookkeeping survives copies

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from src.models.row_cache import PriorCache, RowCache
-from tests.test_checkpoints import METHODS, module_for
+from tests.test_checkpoints import module_for
 from tests.test_model import B, inputs
 
 TARGET = torch.tensor([[0.5, 0.5, 0.2, 0.3]] * B)
@@ -85,8 +85,8 @@ def test_prior_cache_reads_back_what_it_computed():
 
 
 def test_prior_cache_changes_no_training_step_and_clears_when_weights_load():
-    plain = module_for("mapper", *METHODS["mapper"], "model.prior_cache=0")
-    cached = module_for("mapper", *METHODS["mapper"], "model.prior_cache=16")
+    plain = module_for("mapper", "model.prior_cache=0")
+    cached = module_for("mapper", "model.prior_cache=16")
     assert plain.model.prior.cache is None
     cache = cached.model.prior.cache
     for _ in range(2):  # the second step reads every prior from the cache
@@ -119,8 +119,8 @@ def test_frozen_prefix_depth_stops_at_the_first_tuned_block(peft, depth):
 
 
 def test_vision_prefix_cache_changes_no_training_step_and_clears_when_weights_load():
-    plain = module_for("mapper", *METHODS["mapper"], "model.vision_prefix_cache=0")
-    cached = module_for("mapper", *METHODS["mapper"], "model.vision_prefix_cache=16")
+    plain = module_for("mapper", "model.vision_prefix_cache=0")
+    cached = module_for("mapper", "model.vision_prefix_cache=16")
     assert plain.model.vision.prefix_cache is None
     cache = cached.model.vision.prefix_cache
     batch = inputs()
@@ -187,8 +187,8 @@ def weight_changes(vit):
 
 @pytest.mark.parametrize("change", ["in_place", "foreach_swap", "replaced", "stem"])
 def test_vision_prefix_cache_is_invalidated_by_any_change_of_its_weights(change: str):
-    plain = module_for("mapper", *METHODS["mapper"], "model.vision_prefix_cache=0")
-    cached = module_for("mapper", *METHODS["mapper"], "model.vision_prefix_cache=16")
+    plain = module_for("mapper", "model.vision_prefix_cache=0")
+    cached = module_for("mapper", "model.vision_prefix_cache=16")
     batch = inputs()
     keyed = batch | {"image_key": torch.tensor([11, 12])}
     plain.model.eval(), cached.model.eval()

@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from src.config import LEGACY_METHOD_TARGETS, METHOD_BUILDER
 from src.errors import ConfigError, UserError
 
 RESULTS_NAME = "results.jsonl"
@@ -44,7 +45,7 @@ NOTEBOOK_SOURCES = ("experiments/petl_comparison",)
 # new setting splits groups rather than silently merging them.
 NOT_RECIPE = (
     "seed", "task_name", "tags", "train", "test", "ckpt_path", "resume_roots", "visualize", "shuffled_text_check",
-    "optimized_metric",
+    "optimized_metric", "plugins", "peft.name", "data.name",
     "paths.*", "logger.*", "hydra.*", "callbacks.*", "overflow_guard.*", "mode_defaults.*", "*._convert_",
     "*._partial_", "data.data_root", "data.split_root", "data.image_root", "data.reader.refer_root",
     "data.cache_dir", "data.num_workers", "data.pin_memory", "data.cache_samples", "data.cache_max_mb",
@@ -123,11 +124,14 @@ def peak_memory_bytes() -> int:
 
 
 def method_name(config: Mapping[str, Any], choices: Mapping[str, str]) -> str:
-    """The `peft` config chosen (e.g. `lora`), or the method's class name when run outside Hydra."""
+    """The method config's name (`peft.name`, e.g. `lora`); for a config without one, the `peft` config
+    chosen, else the method's class name."""
+    peft = config.get("peft") or {}
+    if peft.get("name"):
+        return str(peft["name"])
     if "peft" in choices:
         return choices["peft"]
-    target = str((config.get("peft") or {}).get("_target_", "unknown"))
-    return target.rsplit(".", 1)[-1].lower()
+    return str(peft.get("_target_", "unknown")).rsplit(".", 1)[-1].lower()
 
 
 def best_epoch(checkpoint: str | None) -> int | None:
@@ -167,8 +171,21 @@ def _recipe_only(flat: Mapping[str, Any]) -> dict[str, Any]:
     """The recipe settings of a flat config (RECIPE_FILE_NAMES as file names); unset ones (null, empty) are
     left out, so that a new setting that defaults to null does not change every fingerprint."""
     return {k: Path(str(v)).name if any(fnmatch(k, p) for p in RECIPE_FILE_NAMES) else v
-            for k, v in sorted(flat.items())
+            for k, v in sorted(_method_as_class(flat).items())
             if v is not None and v != {} and (k in RECIPE_CALLBACKS or not any(fnmatch(k, p) for p in NOT_RECIPE))}
+
+
+# The class each suite method was configured by before the method registry, by registered name.
+METHOD_CLASSES = {method: target for target, method in LEGACY_METHOD_TARGETS.items()}
+
+
+def _method_as_class(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """A suite method built by the registry's builder (`peft._target_` + `peft.method`) written as the class
+    its config named before (`peft._target_` alone), so that a recipe keeps its fingerprint across that change."""
+    method = flat.get("peft.method")
+    if flat.get("peft._target_") != METHOD_BUILDER or method not in METHOD_CLASSES:
+        return dict(flat)
+    return {k: v for k, v in flat.items() if k != "peft.method"} | {"peft._target_": METHOD_CLASSES[method]}
 
 
 def run_recipe(config: Mapping[str, Any], checkpoint_config: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
@@ -422,7 +439,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], include: Iterable[str] = SHOWN_
 
 
 # Recipe settings the table shows as columns already (benchmark, mode, method, rank).
-SHOWN_SETTINGS = ("data.dataset", "data.mode", "model.mode", "peft._target_", "peft.rank")
+SHOWN_SETTINGS = ("data.dataset", "data.mode", "model.mode", "peft._target_", "peft.method", "peft.rank")
 
 
 def recipe_differences(entries: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -2,6 +2,8 @@
 
 Facts from mapper-spec §4 and the TransVG "data indices" tarball: split files live at
 `<split_root>/<key>/<key>_<split>.pth`; images live under a data root (`ln_data` in TransVG/MaPPER).
+A benchmark config (`conf/data/<name>.yaml`) reads one of them by its key (`dataset: unc`); a user's own
+benchmark joins with `register_benchmark`, from a module in their `plugins` (docs/EXTENDING.md).
 """
 
 from __future__ import annotations
@@ -66,6 +68,15 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         BenchmarkSpec("custom", (), None, "jsonl", ""),
     )
 }
+
+
+def register_benchmark(spec: BenchmarkSpec) -> BenchmarkSpec:
+    """Make `spec` readable as `dataset: <spec.key>`; a key already registered with other facts is refused."""
+    taken = BENCHMARKS.get(spec.key)
+    if taken is not None and taken != spec:
+        raise ConfigError(f"benchmark key {spec.key!r} is registered twice, with different facts: {taken} and {spec}")
+    BENCHMARKS[spec.key] = spec
+    return spec
 
 
 def get_benchmark(key: str) -> BenchmarkSpec:

@@ -83,12 +83,15 @@ class GroundingDataModule(L.LightningDataModule):
         bad_records: str = "fail",
         exif_transpose: bool = False,
         shuffle: bool = True,
+        name: str | None = None,
     ) -> None:
-        """Store the settings; nothing is read until prepare_data/setup."""
+        """Store the settings; nothing is read until prepare_data/setup. `name` is the benchmark config's
+        (`data=<name>`: run names, messages), `dataset` the split-file key it reads (`unc` for refcoco)."""
         super().__init__()
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         self.spec: BenchmarkSpec = get_benchmark(dataset)
+        self.name = name or dataset
         self.train_split, self.val_split = train_split, val_split
         self.test_splits = list(test_splits)
         for split in (train_split, val_split, *self.test_splits):
@@ -158,7 +161,7 @@ class GroundingDataModule(L.LightningDataModule):
         if self.spec.key == "synthetic":
             return self.synthetic_root() / "splits"
         if self._split_root is None:
-            raise ConfigError(f"data.split_root must be set for benchmark {self.spec.key!r}")
+            raise ConfigError(f"data.split_root must be set for benchmark {self.name!r}")
         return Path(self._split_root)
 
     @property
@@ -169,7 +172,7 @@ class GroundingDataModule(L.LightningDataModule):
         if self._image_root is not None:
             return Path(self._image_root)
         if self.data_root is None or not self.spec.image_dir:
-            raise ConfigError(f"set data.image_root (or data.data_root) for benchmark {self.spec.key!r}")
+            raise ConfigError(f"set data.image_root (or data.data_root) for benchmark {self.name!r}")
         return self.data_root / self.spec.image_dir
 
     # ------------------------------------------------------------------------------------------ reading
@@ -181,7 +184,7 @@ class GroundingDataModule(L.LightningDataModule):
         if fmt not in SPLIT_FORMATS:
             raise ConfigError(f"data.reader.format must be one of {SPLIT_FORMATS}, got {fmt!r}")
         if fmt == "refer" and self.spec.refer is None:
-            raise ConfigError(f"benchmark {self.spec.key!r} has no REFER-format release; use format transvg")
+            raise ConfigError(f"benchmark {self.name!r} has no REFER-format release; use format transvg")
         return fmt
 
     @property

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 from torch import nn
 
 from src.errors import ConfigError
+from src.models.peft.registry import NoOpStart, Part, register_method
 
 if TYPE_CHECKING:
     from src.models.encoders import TextEncoder, VisionEncoder
@@ -33,6 +34,10 @@ class PeftMethod:
     uses_prior: bool = False
     # Whether the method leaves the backbones frozen (their dropout is then off in clean mode).
     freezes_backbones: bool = True
+    # What it trains, by part of the grounder (registry.PARTS); tests check exactly these train.
+    trains: frozenset[Part] = frozenset()
+    # How the backbone outputs start, against the frozen backbones in clean mode (registry.NoOpStart).
+    no_op_start: NoOpStart = "exact"
 
     def inject(self, target: PeftTarget) -> list[nn.Module]:
         """Insert the method's modules into `target`; return the modules that count as tunable backbone."""
@@ -50,6 +55,7 @@ class PeftMethod:
         return defaults[which]
 
 
+@register_method("frozen")
 class Frozen(PeftMethod):
     """Linear-probe style baseline: backbones frozen, only the fusion head trains."""
 
@@ -57,10 +63,12 @@ class Frozen(PeftMethod):
         return []
 
 
+@register_method("full")
 class Full(PeftMethod):
     """Full fine-tuning: every backbone parameter trains (the CLIP prior is not used)."""
 
     freezes_backbones = False
+    trains = frozenset({"vision_weights", "text_weights"})
 
     def inject(self, target: PeftTarget) -> list[nn.Module]:
         for module in (target.vision, target.text):

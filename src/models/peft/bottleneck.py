@@ -16,6 +16,7 @@ from torch import nn
 from src.errors import ConfigError
 from src.models.peft.base import PeftMethod, PeftTarget
 from src.models.peft.injection import TextPlacement, VisionPlacement, attach_text, attach_vision
+from src.models.peft.registry import register_method
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -56,6 +57,8 @@ class BottleneckMethod(PeftMethod):
     vision_placement: VisionPlacement = "serial"
     text_placement: TextPlacement = "serial"
 
+    trains = frozenset({"vision_layers", "text_layers"})
+
     def inject(self, target: PeftTarget) -> list[nn.Module]:
         vision, text = target.vision, target.text
         vision_layers = self.layers_or_default(self.vision_layers, target.adapter_layers, "vision")
@@ -69,11 +72,13 @@ class BottleneckMethod(PeftMethod):
         return Bottleneck(dim, self.rank, self.activation, self.scale)
 
 
+@register_method("adapter")
 @dataclass
 class Adapter(BottleneckMethod):
     """Houlsby-style serial adapter: `m + up(act(down(m)))` on the MLP/FFN output `m`, before the residual."""
 
 
+@register_method("adaptformer")
 @dataclass
 class AdaptFormer(BottleneckMethod):
     """AdaptFormer: `mlp(u) + scale * up(act(down(u)))`, a bottleneck beside the MLP/FFN on its input."""

@@ -22,11 +22,13 @@ from torch import nn
 from src.errors import ConfigError
 from src.models.peft.base import PeftMethod, PeftTarget
 from src.models.peft.injection import check_layers
+from src.models.peft.registry import NoOpStart, Part, register_method
 
 # Every attention projection: the ViT's fused qkv and output projection; BERT's query/key/value/output dense.
 ATTENTION = ("attn_qkv", "attn_out")
 
 
+@register_method("peft_library")
 @dataclass
 class LibraryPeft(PeftMethod):
     """A `peft` library method applied to Linear layers of chosen layers of both backbones.
@@ -63,6 +65,20 @@ class LibraryPeft(PeftMethod):
                                             (self.text_targets, self.text_feedforward, "text")):
             if not set(feedforward) <= set(targets):
                 raise ConfigError(f"{which}_feedforward {list(feedforward)} must be among {which}_targets")
+
+    @property
+    def trains(self) -> frozenset[Part]:
+        """The layers of each backbone it has targets in."""
+        return frozenset(part for part, targets in (("vision_layers", self.vision_targets),
+                                                    ("text_layers", self.text_targets)) if targets)
+
+    @property
+    def no_op_start(self) -> NoOpStart:
+        """peft initialises its methods as no-ops unless `init_weights` is false; DoRA's magnitude m = ||W||
+        rescales W by m / ||W||, a no-op only up to float rounding."""
+        if self.settings.get("init_weights", True) is False:
+            return "no"
+        return "rounding" if self.settings.get("use_dora") else "exact"
 
     def inject(self, target: PeftTarget) -> list[nn.Module]:
         tunable: list[nn.Module] = []

@@ -15,6 +15,7 @@ from src.errors import ConfigError
 from src.models.encoders import ConditionSlot, TextPrior
 from src.models.peft.base import PeftMethod, PeftTarget
 from src.models.peft.injection import attach_text, attach_vision
+from src.models.peft.registry import Part, register_method
 
 
 class LoCA(nn.Module):
@@ -129,6 +130,7 @@ def prior_width(target: MapperTarget) -> int:
     return target.prior.dim
 
 
+@register_method("mapper")
 @dataclass
 class Mapper(PeftMethod):
     """MaPPER: LoCA beside the MLP of chosen ViT blocks, DyPA at the FFN of chosen text layers, PGT after
@@ -160,6 +162,12 @@ class Mapper(PeftMethod):
     @property
     def uses_prior(self) -> bool:
         return self.prior and (self.dypa or self.pgt)
+
+    @property
+    def trains(self) -> frozenset[Part]:
+        """The parts its switched-on components train: LoCA, DyPA, PGT."""
+        switches = (("vision_layers", self.loca), ("text_layers", self.dypa), ("text_merge", self.pgt))
+        return frozenset(part for part, on in switches if on)
 
     def inject(self, target: MapperTarget) -> list[nn.Module]:
         vision, text, quirks = target.vision, target.text, target.quirks
