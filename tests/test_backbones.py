@@ -164,12 +164,13 @@ VISION_PARTS = {"adapter": r"blocks\.1\.mlp\.adapter\.", "mapper": r"blocks\.1\.
                 "lora": r"blocks\.1\.attn\.(qkv|proj)\.lora_"}
 
 
-@pytest.mark.parametrize("method", ["mapper", "lora", "adapter"])
-@pytest.mark.parametrize("pair", sorted(PAIRS))
-def test_other_backbone_pairs_train_one_step_from_conf_model_alone(pair: str, method: str, tmp_path: Path):
+def train_one_step(overrides: list[str], method: str, text_parts: str, tmp_path: Path) -> None:
+    """Build `method` on the model `overrides` name, check its modules sit where the roles put them (the vision
+    parts of VISION_PARTS, the text parts matching `text_parts`), train one step: only trainable tensors change,
+    and a PEFT module inside the backbones among them."""
     small = [f"peft.{k}={v}" for k, v in SMALL_MAPPER.items()] if method == "mapper" else []
     cfg = compose([
-        f"model={pair}", f"peft={method}", *small, "trainer=default", "logger=none", "vision_pretraining=null",
+        *overrides, f"peft={method}", *small, "trainer=default", "logger=none", "vision_pretraining=null",
         "text_pretraining=null", f"paths.cache_dir={tmp_path}", f"paths.output_dir={tmp_path}", *TINY_DATA,
         "+trainer.fast_dev_run=1", "trainer.accelerator=cpu",
     ])
@@ -177,7 +178,7 @@ def test_other_backbone_pairs_train_one_step_from_conf_model_alone(pair: str, me
         cfg.callbacks = {}
     module = build_module(cfg)
     tunable = module.model.tunable_backbone_names
-    allowed = rf"vision\.vit\.{VISION_PARTS[method]}.+|text\.bert\.{PAIRS[pair][method]}.+|text_merge\..+"
+    allowed = rf"vision\.vit\.{VISION_PARTS[method]}.+|text\.bert\.{text_parts}.+|text_merge\..+"
     assert tunable and all(re.fullmatch(allowed, n) for n in tunable), tunable
     assert any(n.startswith("vision.") for n in tunable) and any(n.startswith("text.") for n in tunable)
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
@@ -187,3 +188,9 @@ def test_other_backbone_pairs_train_one_step_from_conf_model_alone(pair: str, me
     changed = {n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed <= {n for n, p in module.model.named_parameters() if p.requires_grad}
     assert changed & set(tunable), "no PEFT module inside the backbones trained"
+
+
+@pytest.mark.parametrize("method", ["mapper", "lora", "adapter"])
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+def test_other_backbone_pairs_train_one_step_from_conf_model_alone(pair: str, method: str, tmp_path: Path):
+    train_one_step([f"model={pair}"], method, PAIRS[pair][method], tmp_path)

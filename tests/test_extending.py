@@ -17,7 +17,9 @@ import pytest
 from src.analysis.table import RESULTS_NAME
 from src.data.benchmarks import BENCHMARKS
 from src.models.peft import registry
+from src.models.roles import TEXT_FAMILIES
 from tests.conftest import PROJECT_ROOT
+from tests.test_backbones import train_one_step
 from tests.test_datamodule import make_benchmark_root
 from tests.test_default_job import TINY_JOB
 from tests.test_peft_methods import HEAD, built, check_starts_as_declared, check_trains_what_it_declares
@@ -33,8 +35,9 @@ QUIET = ["logger=csv", "visualize=0", "shuffled_text_check=false", "callbacks.pr
 
 def test_the_page_shows_a_method_a_library_method_a_benchmark_and_their_commands():
     assert set(FILES) == {"myrec/ln_tuning.py", "myconf/peft/ln_tuning.yaml", "myconf/peft/lora_mlp.yaml",
-                          "myrec/toyrefs.py", "myconf/data/toyrefs.yaml", "myconf/experiment/toyrefs.yaml"}
-    assert len(COMMANDS) == 4, COMMANDS
+                          "myrec/toyrefs.py", "myconf/data/toyrefs.yaml", "myconf/experiment/toyrefs.yaml",
+                          "myrec/mpnet.py", "myconf/model/deit_mpnet_tiny.yaml"}
+    assert len(COMMANDS) == 5, COMMANDS
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +78,7 @@ def own_package(my_rec: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
         del sys.modules[name]
     registry._METHODS.pop("ln_tuning", None)
     BENCHMARKS.pop("toyrefs", None)
+    TEXT_FAMILIES.pop("mpnet", None)
 
 
 def test_the_pages_methods_train_what_they_declare_and_start_as_they_say(own_package: Path):
@@ -93,7 +97,7 @@ def test_the_pages_methods_train_what_they_declare_and_start_as_they_say(own_pac
 
 @pytest.mark.slow
 def test_a_method_of_ones_own_trains_evaluates_where_listed_and_is_refused_elsewhere(my_rec: Path):
-    train, evaluate, refused, _ = COMMANDS
+    train, evaluate, refused, *_ = COMMANDS
     done = run_page_command(train, my_rec, *TINY_JOB, *QUIET)
     assert done.returncode == 0, done.stderr[-3000:]
     [folder] = (my_rec / "outputs" / "ln_tuning_synthetic").iterdir()
@@ -128,3 +132,24 @@ def test_a_benchmark_of_ones_own_trains_and_tests_on_its_own_splits(my_rec: Path
     line = results_line(folder)
     assert (line["benchmark"], line["method"], line["experiment"]) == ("toyrefs", "lora", "lora_toyrefs")
     assert line["splits"]["test"]["n"] == 4
+
+
+# Where each method's text modules sit in an MPNet layer (the page's roles).
+MPNET_PARTS = {"adapter": r"encoder\.layer\.1\.output\.adapter\.", "mapper": r"encoder\.layer\.1\.output\.adapter\.",
+               "lora": r"encoder\.layer\.1\.attention\.attn\.[qkvo]\.lora_"}
+
+
+@pytest.mark.parametrize("method", sorted(MPNET_PARTS))
+def test_the_pages_backbone_family_takes_every_method(own_package: Path, method: str, tmp_path: Path):
+    overrides = ["plugins=[myrec.mpnet]", f"hydra.searchpath=[file://{own_package}/myconf]", "model=deit_mpnet_tiny"]
+    train_one_step(overrides, method, MPNET_PARTS[method], tmp_path)
+
+
+@pytest.mark.slow
+def test_the_pages_backbone_command_trains_and_tests(my_rec: Path):
+    done = run_page_command(COMMANDS[4], my_rec, *TINY_JOB, *QUIET)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [folder] = (my_rec / "outputs" / "lora_synthetic").iterdir()
+    line = results_line(folder)
+    assert (line["method"], line["kind"]) == ("lora", "training") and line["tunable_backbone"] > 0
+    assert line["recipe_settings"]["model.text.arch"] == "mpnet"

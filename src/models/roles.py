@@ -154,6 +154,17 @@ TEXT_FAMILIES: dict[str, TextFamily] = {
 }
 
 
+def register_text_family(arch: str, family: TextFamily) -> TextFamily:
+    """Make the transformers `model_type` `arch` a text backbone every method serves (a plugin's way in)."""
+    TEXT_FAMILIES[arch] = family
+    return family
+
+
+def register_vision_block(block: type[nn.Module], roles: Mapping[str, tuple[str, ...]]) -> None:
+    """Give the timm block class `block` its roles, so that ViTs built from it serve every method."""
+    VISION_BLOCKS[block] = dict(roles)
+
+
 def text_family(arch: str) -> TextFamily:
     """The family called `arch` (a transformers model_type); a ConfigError naming it when unknown."""
     if arch not in TEXT_FAMILIES:
