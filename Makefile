@@ -40,10 +40,10 @@ demo: setup
 	fi; \
 	$(PY) -m src.demo ckpt=$${ckpt:-$$(newest)} $(if $(CKPT_B),ckpt_b=$(CKPT_B)) $(ARGS)
 
-# Two pytest-xdist workers (TEST_WORKERS=1: one process); no .pytest_cache is written into the checkout.
+# Two pytest-xdist workers (TEST_WORKERS=1: one process).
 TEST_WORKERS ?= 2
 test: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider \
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q \
 		$(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal) $(PYTEST_ARGS)
 
 # Speed and memory per PEFT method (full-size MaPPER, random weights, each method in its own process).
