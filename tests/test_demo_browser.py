@@ -153,7 +153,7 @@ def test_a_photo_and_phrase_give_predicts_boxes_drawn(browser, served: str, chec
     for checkpoint in checkpoints:  # the command line's answer for the same inputs
         assert predict.main([f"ckpt={checkpoint}", f"image={photo}", f"text={PHRASE}", "draw=false"]) == 0
         expected.append(capsys.readouterr().out.strip())
-    assert shown == expected and methods == ["librarypeft", "mapper"]
+    assert shown == expected and methods == ["lora", "mapper"]
     src = page.locator("#demo-picture img").get_attribute("src")
     with urllib.request.urlopen(src if src.startswith("http") else served.rstrip("/") + src) as response:
         drawn = Image.open(io.BytesIO(response.read())).convert("RGB")
