@@ -329,14 +329,14 @@ def test_random_train_transforms_are_never_cached(root: Path) -> None:
 def test_pretraining_corpus_is_a_separate_synthetic_draw(tmp_path: Path) -> None:
     dm = GroundingDataModule(dataset="synthetic", cache_dir=str(tmp_path), num_workers=0, image_size=64,
                              synthetic={"seed": 0, "n_train": 3, "n_val": 1, "n_test": 1})
-    corpus = dm.synthetic_corpus(seed=7, scenes=4)
-    assert corpus != dm.synthetic_root()
+    corpus = dm.pretraining_corpus(seed=7, scenes=4)
+    assert corpus != dm.generated_root()
     records = torch.load(corpus / "splits" / "synthetic" / "synthetic_train.pth", weights_only=True)
     benchmark = torch.load(dm.split_file("train"), weights_only=True)
     assert len({r[0] for r in records}) == 4
     assert [r[3] for r in records[:6]] != [r[3] for r in benchmark[:6]]
     with pytest.raises(ValueError, match="seed other than"):
-        dm.synthetic_corpus(seed=0, scenes=4)
+        dm.pretraining_corpus(seed=0, scenes=4)
 
 
 def test_sample_cache_stays_within_its_byte_budget(root: Path, caplog) -> None:

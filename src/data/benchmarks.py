@@ -8,6 +8,7 @@ benchmark joins with `register_benchmark`, from a module in their `plugins` (doc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,6 +36,11 @@ class BenchmarkSpec:
     image_dir: str
     # (REFER dataset name, splitBy) when the benchmark also exists in the original REFER format.
     refer: tuple[str, str] | None = None
+    # A benchmark made by code rather than read from disk: `generator(cache_dir, **settings)` makes it once (cached
+    # by its settings, `data.synthetic`) and returns its folder, holding `splits/` and `image_dir`. None: read in place.
+    generator: Callable[..., str | Path] | None = None
+    # Whether random-init backbones first pretrain on a separate corpus the generator draws (src/pretraining).
+    pretrains_backbones: bool = False
 
     def split_file(self, split_root: str | Path, split: str) -> Path:
         """Path of one split's file under split_root (TransVG layout, or `<split>.jsonl` for custom data)."""
@@ -52,6 +58,13 @@ class BenchmarkSpec:
 
 _COCO_SPLITS = ("train", "val", "testA", "testB", "trainval")
 
+def generate_synthetic(cache_dir: str | Path, **settings) -> Path:
+    """The built-in synthetic benchmark's generator (`src.data.synthetic`, imported when first used)."""
+    from src.data.synthetic import ensure_synthetic
+
+    return Path(ensure_synthetic(cache_dir, **settings))
+
+
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     spec.key: spec
     for spec in (
@@ -63,7 +76,8 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         ),
         BenchmarkSpec("referit", ("train", "val", "test", "trainval"), "xyxy", "5-tuple", "referit/images"),
         BenchmarkSpec("flickr", ("train", "val", "test"), "xyxy", "3-tuple", "Flickr30k/flickr30k_images"),
-        BenchmarkSpec("synthetic", ("train", "val", "test"), "xyxy", "5-tuple", "images"),
+        BenchmarkSpec("synthetic", ("train", "val", "test"), "xyxy", "5-tuple", "images",
+                      generator=generate_synthetic, pretrains_backbones=True),
         # Custom data: any split name, one `<split>.jsonl` per split, box format declared by the user.
         BenchmarkSpec("custom", (), None, "jsonl", ""),
     )

@@ -110,7 +110,7 @@ class GroundingDataModule(L.LightningDataModule):
         self.bad_records, self.exif_transpose = check_policy(bad_records), exif_transpose
         self.shuffle = shuffle
         self._split_root, self._image_root, self._data_root = split_root, image_root, data_root
-        self._synthetic_root: Path | None = None
+        self._generated_root: Path | None = None
         self._tokenizers: tuple[Any, Any] | None = None
         self.datasets: dict[str, Dataset] = {}
         self.dropped: dict[str, int] = {}
@@ -122,33 +122,32 @@ class GroundingDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------------------ roots
 
     def prepare_data(self) -> None:
-        """Generate the synthetic benchmark (cached) when it is the dataset; real data is read in place."""
-        if self.spec.key == "synthetic":
-            self.synthetic_root()
+        """Generate the benchmark (cached) when its spec has a generator; real data is read in place."""
+        if self.spec.generator is not None:
+            self.generated_root()
 
-    def synthetic_root(self) -> Path:
-        """Folder of the generated synthetic benchmark (ensure_synthetic is cached by its settings)."""
-        if self._synthetic_root is None:
-            from src.data.synthetic import ensure_synthetic
+    def generate(self, **settings: Any) -> Path:
+        """The spec's generator run with `settings` (cached by them) under `data.cache_dir`."""
+        if self.spec.generator is None:
+            raise ConfigError(f"benchmark {self.name!r} is read from disk, not generated")
+        if self.cache_dir is None:
+            raise ConfigError(f"data.cache_dir must be set for the generated benchmark {self.name!r}")
+        return Path(self.spec.generator(self.cache_dir, **settings))
 
-            if self.cache_dir is None:
-                raise ConfigError("data.cache_dir must be set for the synthetic benchmark")
-            self._synthetic_root = Path(ensure_synthetic(self.cache_dir, **self.synthetic))
-        return self._synthetic_root
+    def generated_root(self) -> Path:
+        """Folder of a generated benchmark (`data.synthetic` settings), made once per settings."""
+        if self._generated_root is None:
+            self._generated_root = self.generate(**self.synthetic)
+        return self._generated_root
 
-    def synthetic_corpus(self, seed: int, scenes: int) -> Path:
-        """A separate synthetic corpus (train split only) drawn like the benchmark but from another seed.
+    def pretraining_corpus(self, seed: int, scenes: int) -> Path:
+        """A separate corpus (train split only) generated like the benchmark but from another seed.
 
         Backbone pretraining uses it, so that the benchmark's own splits are seen only by the grounder.
         """
-        from src.data.synthetic import ensure_synthetic
-
-        if self.cache_dir is None:
-            raise ConfigError("data.cache_dir must be set for the synthetic benchmark")
         if seed == self.synthetic.get("seed", 0):
             raise ConfigError(f"the pretraining corpus needs a seed other than the benchmark's ({seed})")
-        settings = {**self.synthetic, "seed": seed, "n_train": scenes, "n_val": 0, "n_test": 0}
-        return Path(ensure_synthetic(self.cache_dir, **settings))
+        return self.generate(**{**self.synthetic, "seed": seed, "n_train": scenes, "n_val": 0, "n_test": 0})
 
     @property
     def data_root(self) -> Path | None:
@@ -157,9 +156,9 @@ class GroundingDataModule(L.LightningDataModule):
 
     @property
     def split_root(self) -> Path:
-        """Folder of the split files (for synthetic: the generated `splits/`)."""
-        if self.spec.key == "synthetic":
-            return self.synthetic_root() / "splits"
+        """Folder of the split files (for a generated benchmark: its `splits/`)."""
+        if self.spec.generator is not None:
+            return self.generated_root() / "splits"
         if self._split_root is None:
             raise ConfigError(f"data.split_root must be set for benchmark {self.name!r}")
         return Path(self._split_root)
@@ -167,8 +166,8 @@ class GroundingDataModule(L.LightningDataModule):
     @property
     def image_root(self) -> Path:
         """Folder the records' image files are relative to (default: data_root / the benchmark's folder)."""
-        if self.spec.key == "synthetic" and self._image_root is None:
-            return self.synthetic_root() / self.spec.image_dir
+        if self.spec.generator is not None and self._image_root is None:
+            return self.generated_root() / self.spec.image_dir
         if self._image_root is not None:
             return Path(self._image_root)
         if self.data_root is None or not self.spec.image_dir:

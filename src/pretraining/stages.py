@@ -32,10 +32,11 @@ def apply_backbone_pretraining(cfg: DictConfig, datamodule: L.LightningDataModul
     vision_stage, text_stage = cfg.get("vision_pretraining"), cfg.get("text_pretraining")
     if not (vision_stage or text_stage):
         return
-    if cfg.model.pretrained or getattr(datamodule, "spec", None) is None or datamodule.spec.key != "synthetic":
+    spec = getattr(datamodule, "spec", None)
+    if cfg.model.pretrained or spec is None or not spec.pretrains_backbones:
         log.info("backbone pretraining skipped: it is for random-init backbones on the synthetic benchmark")
         return
-    corpus = datamodule.synthetic_corpus(**cfg.pretraining_corpus)
+    corpus = datamodule.pretraining_corpus(**cfg.pretraining_corpus)
     model, cache = cfg.model, Path(cfg.paths.cache_dir)
     quirks = ModelQuirks.resolve(model.mode, model.get("quirks"))
     paths: dict[str, Path] = {}
