@@ -18,6 +18,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
+# Folders that tools would otherwise keep under the home folder or /tmp after the suite ends.
+SCRATCH_TOOL_DIRS = {"WANDB_DATA_DIR": "wandb-data", "WANDB_CACHE_DIR": "wandb-cache",
+                     "WANDB_CONFIG_DIR": "wandb-config", "TORCHINDUCTOR_CACHE_DIR": "inductor"}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Tests leave no trace in the checkout: run folders (outputs/, multirun/) and caches (the synthetic
     benchmark, pretraining stages) go to one temporary folder per session, removed when it ends. Made here,
@@ -35,6 +40,8 @@ def pytest_configure(config: pytest.Config) -> None:
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     os.environ["REC_RUNS_ROOT"] = os.path.join(scratch, f"runs-{worker}" if worker else "runs")
     os.environ.setdefault("REC_CACHE_DIR", os.path.join(scratch, "cache"))
+    for variable, folder in SCRATCH_TOOL_DIRS.items():  # W&B's staging area and inductor's cache, not the home folder
+        os.environ.setdefault(variable, os.path.join(scratch, folder))
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)
