@@ -23,6 +23,21 @@ SCRATCH_TOOL_DIRS = {"WANDB_DATA_DIR": "wandb-data", "WANDB_CACHE_DIR": "wandb-c
                      "WANDB_CONFIG_DIR": "wandb-config", "TORCHINDUCTOR_CACHE_DIR": "inductor"}
 
 
+# What the whole suite writes at most into the temporary folder (scratch, pytest's tmp_path, the subprocess runs'
+# checkpoints): 3.3 GiB at its peak in a fresh clone (2026-12-05, two workers, disk use sampled every second), with
+# a margin. The install (.venv, 6.6 GiB) comes before and is not counted.
+REQUIRED_FREE_GIB = 5.0
+
+
+def require_free_space(folder: Path, required_gib: float = REQUIRED_FREE_GIB) -> None:
+    """Stop at once, in one line, when the temporary folder's disk is too full for the suite: otherwise
+    hundreds of tests fail one by one (No space left on device) in fixtures and subprocesses."""
+    free = shutil.disk_usage(folder).free / 2**30
+    if free < required_gib:
+        pytest.exit(f"only {free:.1f} GiB free under {folder}, the test suite needs about {required_gib:.0f} GiB "
+                    "there: free some space or point TMPDIR at a larger disk", returncode=4)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Tests leave no trace in the checkout: run folders (outputs/, multirun/) and caches (the synthetic
     benchmark, pretraining stages) go to one temporary folder per session, removed when it ends. Made here,
@@ -34,6 +49,7 @@ def pytest_configure(config: pytest.Config) -> None:
     the cores, as do the processes it starts (OMP_NUM_THREADS)."""
     scratch = os.environ.get("REC_TESTS_SCRATCH")
     if scratch is None:
+        require_free_space(Path(tempfile.gettempdir()))
         scratch = tempfile.mkdtemp(prefix="rec-tests-")
         os.environ["REC_TESTS_SCRATCH"] = scratch
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
@@ -41,7 +57,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["REC_RUNS_ROOT"] = os.path.join(scratch, f"runs-{worker}" if worker else "runs")
     os.environ.setdefault("REC_CACHE_DIR", os.path.join(scratch, "cache"))
     for variable, folder in SCRATCH_TOOL_DIRS.items():  # W&B's staging area and inductor's cache, not the home folder
-        os.environ.setdefault(variable, os.path.join(scratch, folder))
+        os.environ[variable] = os.path.join(scratch, folder)
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)

@@ -339,6 +339,25 @@ def test_pretraining_corpus_is_a_separate_synthetic_draw(tmp_path: Path) -> None
         dm.pretraining_corpus(seed=0, scenes=4)
 
 
+def test_pretraining_corpus_can_withhold_what_the_benchmark_asks_for(tmp_path: Path) -> None:
+    from src.data.synthetic import record_attributes
+
+    dm = GroundingDataModule(dataset="synthetic", cache_dir=str(tmp_path), num_workers=0, image_size=64,
+                             synthetic={"seed": 0, "n_train": 6, "n_val": 1, "n_test": 1},
+                             pretraining_synthetic={"colours": ["red", "blue"], "shapes": ["circle", "square"],
+                                                    "kind_weights": [1, 0, 0, 0]})
+    corpus = torch.load(dm.pretraining_corpus(seed=7, scenes=20) / "splits" / "synthetic" / "synthetic_train.pth",
+                        weights_only=True)
+    objects = [o for r in corpus for o in record_attributes(r)["scene"]["objects"]]
+    assert {o["colour"] for o in objects} == {"red", "blue"} and {o["shape"] for o in objects} == {"circle", "square"}
+    assert {record_attributes(r)["expression"]["kind"] for r in corpus} == {"np"}
+    benchmark = torch.load(dm.split_file("train"), weights_only=True)
+    assert len({o["colour"] for r in benchmark for o in record_attributes(r)["scene"]["objects"]}) > 2
+    with pytest.raises(ValueError, match="pretraining_corpus.seed"):
+        GroundingDataModule(dataset="synthetic", cache_dir=str(tmp_path), synthetic={"seed": 0},
+                            pretraining_synthetic={"seed": 3}).pretraining_corpus(seed=7, scenes=2)
+
+
 def test_sample_cache_stays_within_its_byte_budget(root: Path, caplog) -> None:
     from src.data.dataset import CachedSamples, sample_bytes
 

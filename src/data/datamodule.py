@@ -75,6 +75,7 @@ class GroundingDataModule(L.LightningDataModule):
         clip_vocab: str | None = None,
         cache_dir: str | None = None,
         synthetic: Mapping[str, Any] | None = None,
+        pretraining_synthetic: Mapping[str, Any] | None = None,
         drop_last: bool = True,
         pin_memory: bool = False,
         shuffle_text_seed: int = 0,
@@ -105,6 +106,7 @@ class GroundingDataModule(L.LightningDataModule):
         self.reader = ReaderSettings.from_config(reader)
         self.bert_vocab, self.clip_vocab = bert_vocab, clip_vocab
         self.cache_dir, self.synthetic = cache_dir, dict(synthetic or {})
+        self.pretraining_synthetic = dict(pretraining_synthetic or {})
         self.drop_last, self.pin_memory, self.shuffle_text_seed = drop_last, pin_memory, shuffle_text_seed
         self.cache_samples, self.cache_max_mb = cache_samples, cache_max_mb
         self.bad_records, self.exif_transpose = check_policy(bad_records), exif_transpose
@@ -141,13 +143,18 @@ class GroundingDataModule(L.LightningDataModule):
         return self._generated_root
 
     def pretraining_corpus(self, seed: int, scenes: int) -> Path:
-        """A separate corpus (train split only) generated like the benchmark but from another seed.
+        """A separate corpus (train split only) generated like the benchmark but from another seed, with the
+        generator settings `data.pretraining_synthetic` changes (e.g. fewer colours: a domain gap).
 
         Backbone pretraining uses it, so that the benchmark's own splits are seen only by the grounder.
         """
         if seed == self.synthetic.get("seed", 0):
             raise ConfigError(f"the pretraining corpus needs a seed other than the benchmark's ({seed})")
-        return self.generate(**{**self.synthetic, "seed": seed, "n_train": scenes, "n_val": 0, "n_test": 0})
+        sized = {"seed": seed, "n_train": scenes, "n_val": 0, "n_test": 0}
+        clash = sorted(set(self.pretraining_synthetic) & set(sized))
+        if clash:
+            raise ConfigError(f"data.pretraining_synthetic cannot set {clash}: set pretraining_corpus.seed / .scenes")
+        return self.generate(**{**self.synthetic, **self.pretraining_synthetic, **sized})
 
     @property
     def data_root(self) -> Path | None:
