@@ -91,3 +91,28 @@ def test_experiment_trains_one_step_at_tiny_size(recipe: str, method: str, tmp_p
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 1
     assert all(p.isfinite().all() for p in module.model.parameters())
+
+
+def test_the_petl_benchmark_asks_for_what_its_backbones_never_saw(tmp_path: Path):
+    """data=synthetic_shift: colours, shapes and every size / position / relation word of the grounding phrases
+    are absent from the phrases the backbones pretrain on (experiments/petl_comparison/README.md)."""
+    import torch
+
+    from src.data.synthetic import record_attributes
+
+    cfg = compose(["+experiment=synthetic_shift", f"paths.cache_dir={tmp_path}", "data.synthetic.n_train=60",
+                   "data.synthetic.n_val=2", "data.synthetic.n_test=2", "pretraining_corpus.scenes=60"])
+    datamodule = instantiate(cfg.data)
+
+    def split(root: Path) -> list:
+        return torch.load(root / "splits" / "synthetic" / "synthetic_train.pth", weights_only=True)
+
+    corpus = split(datamodule.pretraining_corpus(**cfg.pretraining_corpus))
+    benchmark = split(datamodule.generated_root())
+    words = [{w for r in records for w in r[3].split()} for records in (corpus, benchmark)]
+    assert {"yellow", "purple", "orange", "diamond", "star", "cross"} <= words[1] - words[0]
+    assert {"left", "right", "big", "small"} <= words[1] - words[0]
+    seen = {o["colour"] for r in corpus for o in record_attributes(r)["scene"]["objects"]}
+    assert seen == {"red", "green", "blue"}
+    kinds = [record_attributes(r)["expression"]["kind"] for r in benchmark]
+    assert kinds.count("np") < 0.7 * len(kinds)  # most of what the default job asks is attributes only (0.8)
