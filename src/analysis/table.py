@@ -236,7 +236,8 @@ def result_row(
         "experiment": config.get("task_name"),
         "kind": run_kind(config, choices),
         "recipe": recipe_id(recipe) if recipe is not None else None,
-        "benchmark": (config.get("data") or {}).get("dataset"),
+        # the data= config's name (two configs can read one dataset: synthetic and synthetic_shift)
+        "benchmark": (config.get("data") or {}).get("name") or (config.get("data") or {}).get("dataset"),
         "method": method_name(config, choices),
         "rank": peft.get("rank"),
         "peft": peft,
