@@ -26,6 +26,9 @@ from tests.conftest import PROJECT_ROOT
 from tests.test_default_job import TINY_JOB
 
 # The tiny job as command-line overrides for a sweep (no progress bar, no pictures, CSV only).
+# The first synthetic study's lines (2026-11-30, 12 methods x 3 seeds), written before runs recorded their kind,
+# recipe and per-sample outcomes: what an old results file looks like.
+OLD_STUDY = Path(__file__).parent / "data" / "results_before_recipes.jsonl"
 SWEEP_JOB = [*TINY_JOB[:-3], "trainer.max_epochs=1", "logger=csv", "visualize=0", "callbacks.progress_bar=null"]
 
 
@@ -130,7 +133,7 @@ def test_runs_are_grouped_only_with_runs_of_their_own_kind_and_recipe(tmp_path: 
 def test_a_results_line_from_before_kinds_and_recipes_still_loads(tmp_path: Path):
     """Old lines: with their run's results.json the recipe is derived from its config, else it is unknown
     (and such lines are grouped by experiment, method and settings, as before)."""
-    committed = PROJECT_ROOT / "experiments" / "petl_comparison" / "results_synthetic.jsonl"
+    committed = OLD_STUDY
     old = json.loads(committed.read_text().splitlines()[0])
     assert "kind" not in old and "recipe" not in old
     run_dir = tmp_path / "sweep" / "0"
