@@ -29,6 +29,8 @@ from tests.test_default_job import TINY_JOB
 # The first synthetic study's lines (2026-11-30, 12 methods x 3 seeds), written before runs recorded their kind,
 # recipe and per-sample outcomes: what an old results file looks like.
 OLD_STUDY = Path(__file__).parent / "data" / "results_before_recipes.jsonl"
+# The committed PETL study (experiments/petl_comparison/README.md), which the notebook reads by default.
+STUDY = PROJECT_ROOT / "experiments" / "petl_comparison" / "results_synthetic_shift.jsonl"
 SWEEP_JOB = [*TINY_JOB[:-3], "trainer.max_epochs=1", "logger=csv", "visualize=0", "callbacks.progress_bar=null"]
 
 
@@ -209,9 +211,14 @@ def test_the_notebook_reads_the_committed_study_from_anywhere_and_says_when_it_f
     installed = {"PYTHONPATH": str(PROJECT_ROOT), "PETL_RESULTS": "", "PETL_FIGURE": str(tmp_path / "fig.png")}
     outputs = execute_notebook(tmp_path / "elsewhere", **installed)
     printed = "".join(o.get("text", "") for o in outputs)
-    assert "results_synthetic.jsonl (36 lines)" in printed and "36 runs in 12 groups" in printed
+    committed = [json.loads(line) for line in STUDY.read_text().splitlines()]
+    groups = {(r["recipe"], r["method"]) for r in committed}
+    assert f"{STUDY.name} ({len(committed)} lines)" in printed
+    assert f"{len(committed)} runs in {len(groups)} groups" in printed
     markdown = "".join(o.data.get("text/markdown", "") for o in outputs if "data" in o)
-    assert "| synthetic | training | unknown | mapper | 32 | clean | 3 |" in markdown
+    mapper = [r for r in committed if r["method"] == "mapper"]
+    assert f"| synthetic_shift | training | {mapper[0]['recipe']} | mapper | 32 | clean | {len(mapper)} |" in markdown
+    assert "Δ vs frozen" in markdown and "| bootstrap |" in markdown  # the committed lines record every sample
     assert (tmp_path / "fig.png").stat().st_size > 10_000
 
     nbclient = pytest.importorskip("nbclient")
