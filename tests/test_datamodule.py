@@ -340,14 +340,13 @@ def test_pretraining_corpus_is_a_separate_synthetic_draw(tmp_path: Path) -> None
 
 
 def test_pretraining_corpus_can_withhold_what_the_benchmark_asks_for(tmp_path: Path) -> None:
-    from src.data.synthetic import record_attributes
+    from src.data.synthetic import record_attributes, split_path
 
     dm = GroundingDataModule(dataset="synthetic", cache_dir=str(tmp_path), num_workers=0, image_size=64,
                              synthetic={"seed": 0, "n_train": 6, "n_val": 1, "n_test": 1},
                              pretraining_synthetic={"colours": ["red", "blue"], "shapes": ["circle", "square"],
                                                     "kind_weights": [1, 0, 0, 0]})
-    corpus = torch.load(dm.pretraining_corpus(seed=7, scenes=20) / "splits" / "synthetic" / "synthetic_train.pth",
-                        weights_only=True)
+    corpus = torch.load(split_path(dm.pretraining_corpus(seed=7, scenes=20), "train"), weights_only=True)
     objects = [o for r in corpus for o in record_attributes(r)["scene"]["objects"]]
     assert {o["colour"] for o in objects} == {"red", "blue"} and {o["shape"] for o in objects} == {"circle", "square"}
     assert {record_attributes(r)["expression"]["kind"] for r in corpus} == {"np"}

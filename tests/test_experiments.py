@@ -98,14 +98,14 @@ def test_the_petl_benchmark_asks_for_what_its_backbones_never_saw(tmp_path: Path
     are absent from the phrases the backbones pretrain on (experiments/petl_comparison/README.md)."""
     import torch
 
-    from src.data.synthetic import record_attributes
+    from src.data.synthetic import record_attributes, split_path
 
     cfg = compose(["+experiment=synthetic_shift", f"paths.cache_dir={tmp_path}", "data.synthetic.n_train=60",
                    "data.synthetic.n_val=2", "data.synthetic.n_test=2", "pretraining_corpus.scenes=60"])
     datamodule = instantiate(cfg.data)
 
     def split(root: Path) -> list:
-        return torch.load(root / "splits" / "synthetic" / "synthetic_train.pth", weights_only=True)
+        return torch.load(split_path(root, "train"), weights_only=True)
 
     corpus = split(datamodule.pretraining_corpus(**cfg.pretraining_corpus))
     benchmark = split(datamodule.generated_root())

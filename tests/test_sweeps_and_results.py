@@ -25,12 +25,12 @@ from src.run import optimized_value, resolved, run, run_choices
 from tests.conftest import PROJECT_ROOT
 from tests.test_default_job import TINY_JOB
 
-# The tiny job as command-line overrides for a sweep (no progress bar, no pictures, CSV only).
 # The first synthetic study's lines (2026-11-30, 12 methods x 3 seeds), written before runs recorded their kind,
 # recipe and per-sample outcomes: what an old results file looks like.
 OLD_STUDY = Path(__file__).parent / "data" / "results_before_recipes.jsonl"
 # The committed PETL study (experiments/petl_comparison/README.md), which the notebook reads by default.
 STUDY = PROJECT_ROOT / "experiments" / "petl_comparison" / "results_synthetic_shift.jsonl"
+# The tiny job as command-line overrides for a sweep (no progress bar, no pictures, CSV only).
 SWEEP_JOB = [*TINY_JOB[:-3], "trainer.max_epochs=1", "logger=csv", "visualize=0", "callbacks.progress_bar=null"]
 
 
@@ -135,8 +135,7 @@ def test_runs_are_grouped_only_with_runs_of_their_own_kind_and_recipe(tmp_path: 
 def test_a_results_line_from_before_kinds_and_recipes_still_loads(tmp_path: Path):
     """Old lines: with their run's results.json the recipe is derived from its config, else it is unknown
     (and such lines are grouped by experiment, method and settings, as before)."""
-    committed = OLD_STUDY
-    old = json.loads(committed.read_text().splitlines()[0])
+    old = json.loads(OLD_STUDY.read_text().splitlines()[0])
     assert "kind" not in old and "recipe" not in old
     run_dir = tmp_path / "sweep" / "0"
     run_dir.mkdir(parents=True)
@@ -151,7 +150,7 @@ def test_a_results_line_from_before_kinds_and_recipes_still_loads(tmp_path: Path
     derived = found["train"]
     assert derived["derived_from"] == "results.json" and derived["kind"] == "training"
     assert derived["recipe"] == line(run_dir, ["peft=lora", "seed=4"], 0.5)["recipe"]
-    entries, text = results_table.load_table([committed])
+    entries, text = results_table.load_table([OLD_STUDY])
     assert len(entries) == 12 and {e["runs"] for e in entries} == {3} and {e["recipe"] for e in entries} == {"unknown"}
     assert "36 runs of unknown recipe" in text
 

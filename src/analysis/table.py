@@ -230,6 +230,7 @@ def result_row(
     `checkpoint_config` is the config its checkpoint carries and `weights` the digest of its tensors;
     `sample_hits`: each test split's per-sample Acc@0.5 outcomes (`src.analysis.samples.hit_record`)."""
     peft = {k: v for k, v in (config.get("peft") or {}).items() if not k.startswith("_")}
+    data = config.get("data") or {}
     ckpt = Path(checkpoint) if checkpoint else None
     recipe = run_recipe(config, checkpoint_config)
     return {
@@ -237,7 +238,7 @@ def result_row(
         "kind": run_kind(config, choices),
         "recipe": recipe_id(recipe) if recipe is not None else None,
         # the data= config's name (two configs can read one dataset: synthetic and synthetic_shift)
-        "benchmark": (config.get("data") or {}).get("name") or (config.get("data") or {}).get("dataset"),
+        "benchmark": data.get("name") or data.get("dataset"),
         "method": method_name(config, choices),
         "rank": peft.get("rank"),
         "peft": peft,
