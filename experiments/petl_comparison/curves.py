@@ -1,0 +1,90 @@
+"""Validation curves of a study's runs, gathered into one CSV, and how flat each method's curve ends.
+
+    python experiments/petl_comparison/curves.py RUN_FOLDER... [--csv OUT]
+
+Every run folder (`hydra.run.dir`, or a sweep's numbered folders; searched recursively) holds its Hydra
+config (`.hydra/config.yaml`: method, rank, seed) and its CSV log (`csv/metrics.csv`: val Acc@0.5 per
+epoch). The CSV gets one line per run and epoch; the printed table, per method and rank, the best epoch and
+the rise of val Acc@0.5 over the last ten epochs (mean of the last five minus mean of the five before the
+last ten): near zero where a curve is flat, so "trained to convergence" is a measured statement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+FIELDS = ("method", "rank", "seed", "epoch", "val_acc50")
+
+
+def run_curve(folder: Path) -> list[dict]:
+    """One run's val Acc@0.5 per epoch, with the run's method, rank (empty for methods without one) and seed."""
+    cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    method, rank, seed = cfg.peft.name, cfg.peft.get("rank"), cfg.seed
+    with (folder / "csv" / "metrics.csv").open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/acc50")]
+    return [dict(method=method, rank="" if rank is None else rank, seed=seed, epoch=int(r["epoch"]),
+                 val_acc50=round(float(r["val/acc50"]), 4)) for r in rows]
+
+
+def gather(folders: Iterable[Path]) -> list[dict]:
+    """Every run under `folders` (a folder with `.hydra/config.yaml` and `csv/metrics.csv`)."""
+    lines = []
+    for top in folders:
+        for config in sorted(top.rglob(".hydra/config.yaml")):
+            run = config.parent.parent
+            if (run / "csv" / "metrics.csv").is_file():
+                lines.extend(run_curve(run))
+    return lines
+
+
+def late_rise(values: list[float], window: int = 5) -> float:
+    """Mean of the last `window` values minus the mean of the `window` values ten epochs earlier."""
+    return statistics.fmean(values[-window:]) - statistics.fmean(values[-2 * window - 5:-window - 5])
+
+
+def summary(lines: list[dict]) -> str:
+    """Per method and rank: runs, best epoch (mean, range) and the late rise (mean, max over its runs)."""
+    curves: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for line in lines:
+        curves[(line["method"], line["rank"])][line["seed"]].append(line["val_acc50"])
+    out = ["| method | rank | runs | epochs | best epoch (mean, range) | val rise, last 10 epochs (mean, max) |",
+           "|---|---:|---:|---:|---|---|"]
+    for (method, rank), seeds in sorted(curves.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        best = [max(range(len(v)), key=v.__getitem__) for v in seeds.values()]
+        rises = [late_rise(v) for v in seeds.values() if len(v) >= 20]
+        epochs = max(len(v) for v in seeds.values())
+        rise = f"{statistics.fmean(rises):+.3f}, {max(rises):+.3f}" if rises else "-"
+        out.append(f"| {method} | {rank or '-'} | {len(seeds)} | {epochs} | {statistics.fmean(best):.1f} "
+                   f"({min(best)}-{max(best)}) | {rise} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("--csv", type=Path, help="write every run's curve here")
+    args = parser.parse_args(argv)
+    lines = gather(args.folders)
+    if not lines:
+        print(f"no run folder with .hydra/config.yaml and csv/metrics.csv under {', '.join(map(str, args.folders))}",
+              file=sys.stderr)
+        return 1
+    if args.csv:
+        with args.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, FIELDS)
+            writer.writeheader()
+            writer.writerows(sorted(lines, key=lambda r: (r["method"], str(r["rank"]), r["seed"], r["epoch"])))
+    print(summary(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
