@@ -3,6 +3,7 @@ and how a config names a PEFT method (today, and in checkpoints written before t
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Mapping
 from dataclasses import fields
@@ -39,6 +40,15 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=False)
     import_plugins(cfg)
     return cfg
+
+
+@functools.cache
+def shipped_rank(method: str) -> int | None:
+    """The rank the suite's method config `conf/peft/<method>.yaml` sets (or inherits); None for a method without
+    one, or a name that is none of the suite's method configs (a plugin's, or one from another checkout)."""
+    if method not in {p.stem for p in (CONFIG_DIR / "peft").glob("*.yaml")}:
+        return None
+    return compose([f"peft={method}"]).peft.get("rank")
 
 
 def import_plugins(cfg: Mapping[str, Any]) -> None:

@@ -146,12 +146,25 @@ def test_a_recipe_is_compared_only_with_references_of_its_own_recipe(tmp_path: P
     assert lora[16].differences == {"frozen": "-", "mapper": "-"}  # no reference trained 16 epochs
     assert lora[14].differences["frozen"].seeds == 2  # paired on the seeds both have
     assert "(2 of 3 seeds paired)" in statistics.estimate_cell(lora[14].differences["frozen"], True, 3)
-    # among mapper's ranks, the one of the same rank
-    mapper8 = next(e for e in entries if e["method"] == "mapper" and e["rank"] == 8)
-    assert statistics.reference_for(lora[14].entry, entries, "mapper") is mapper8
-    assert statistics.reference_for(lora[14].entry, entries, mapper8["recipe"]) is mapper8
+    # among mapper's ranks, one reference for every row: the rank conf/peft/mapper.yaml ships (32), mapper's other
+    # ranks included; a recipe fingerprint names any group
+    mapper = {e["rank"]: e for e in entries if e["method"] == "mapper"}
     frozen = next(e for e in entries if e["method"] == "frozen")
-    assert "2 mapper groups match" in statistics.reference_for(frozen, entries, "mapper")
+    for entry in (lora[14].entry, frozen, mapper[8]):
+        assert statistics.reference_for(entry, entries, "mapper") is mapper[32]
+    assert statistics.reference_for(mapper[32], entries, "mapper") == "reference"
+    assert statistics.reference_for(lora[14].entry, entries, mapper[8]["recipe"]) is mapper[8]
+    assert statistics.reference_for(mapper[8], entries, mapper[8]["recipe"]) == "reference"
+
+
+def test_without_the_shipped_rank_the_reference_is_the_same_rank_else_none(tmp_path: Path):
+    write(tmp_path, recorded("frozen", 0.45, seeds=(1, 2)) + recorded("lora", 0.5, seeds=(1, 2), rank=8)
+          + [r for rank in (8, 16) for r in recorded("mapper", 0.6, seeds=(1, 2), rank=rank)])
+    _, entries, _ = results_table.load_runs([tmp_path])
+    by_method = {(e["method"], e["rank"]): e for e in entries}
+    assert statistics.reference_for(by_method["lora", 8], entries, "mapper") is by_method["mapper", 8]
+    assert statistics.reference_for(by_method["mapper", 16], entries, "mapper") == "reference"
+    assert "2 mapper groups match" in statistics.reference_for(by_method["frozen", None], entries, "mapper")
 
 
 def test_the_cli_prints_the_statistics_the_same_every_time(mixed: Path, capsys):
@@ -218,3 +231,11 @@ def test_the_comparison_figure_draws_means_and_differences(mixed: Path, tmp_path
     assert len(fig.axes) == 3
     fig.savefig(tmp_path / "comparison.png")
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
+
+
+def test_the_shipped_rank_is_the_method_configs_own_or_inherited():
+    from src.config import shipped_rank
+
+    assert [shipped_rank(n) for n in ("mapper", "mapper_no_pgt", "lora", "dora", "ia3", "frozen")] == [
+        32, 32, 8, 8, None, None]
+    assert shipped_rank("my_plugin_method") is None and shipped_rank("../peft/mapper") is None

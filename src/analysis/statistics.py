@@ -40,6 +40,7 @@ import numpy as np
 
 from src.analysis.samples import read_hits
 from src.analysis.table import flatten, recipe_differences, setting_cell, split_names
+from src.config import shipped_rank
 from src.errors import ConfigError
 
 LEVEL = 0.95
@@ -185,8 +186,10 @@ def reference_for(entry: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]
                   ) -> Mapping[str, Any] | str:
     """The group `entry` is compared with for reference `name`: a recipe fingerprint names one group (of the same
     benchmark); a method name the group of that method with the same benchmark, kind and recipe but for the
-    method's settings (the same rank first, when several). A string says why there is none."""
-    if name in (entry["method"], entry["recipe"]):
+    method's settings. Where that method ran at several ranks, one group is the reference for every row: the one
+    at the rank its config ships with (`conf/peft/<name>.yaml`), else the one at `entry`'s rank. A string says
+    why there is none (`reference`: `entry` is the reference)."""
+    if name == entry["recipe"]:
         return "reference"
     if any(e["recipe"] == name for e in entries):
         found = [e for e in entries if e["recipe"] == name and e["benchmark"] == entry["benchmark"]]
@@ -194,12 +197,14 @@ def reference_for(entry: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]
         found = [e for e in entries if e["method"] == name and e["benchmark"] == entry["benchmark"]
                  and e["kind"] == entry["kind"] and _same_but_method(e, entry)]
         if len(found) > 1:
-            found = [e for e in found if e.get("rank") == entry.get("rank")] or found
+            shipped = shipped_rank(name)
+            found = ([e for e in found if e.get("rank") == shipped] if shipped is not None else []) or [
+                e for e in found if e.get("rank") == entry.get("rank")] or found
     if not found:
         return "-"
     if len(found) > 1:
         return f"{len(found)} {name} groups match (name one by its recipe)"
-    return found[0]
+    return "reference" if found[0] is entry else found[0]
 
 
 @dataclass(frozen=True)
