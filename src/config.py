@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+METHOD_DIR = CONFIG_DIR / "peft"
 # The one `_target_` of every method config: it builds the registered method `peft.method`
 # (src/models/peft/registry.py).
 METHOD_BUILDER = "src.models.peft.registry.build_method"
@@ -42,11 +43,16 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     return cfg
 
 
+def method_names() -> list[str]:
+    """Every method config of the suite (`conf/peft/<name>.yaml`), by name."""
+    return sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))
+
+
 @functools.cache
 def shipped_rank(method: str) -> int | None:
     """The rank the suite's method config `conf/peft/<method>.yaml` sets (or inherits); None for a method without
     one, or a name that is none of the suite's method configs (a plugin's, or one from another checkout)."""
-    if method not in {p.stem for p in (CONFIG_DIR / "peft").glob("*.yaml")}:
+    if method not in method_names():
         return None
     return compose([f"peft={method}"]).peft.get("rank")
 

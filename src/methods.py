@@ -18,11 +18,10 @@ from pathlib import Path
 import yaml
 from hydra.utils import instantiate
 
-from src.config import CONFIG_DIR, compose
+from src.config import METHOD_DIR, compose, method_names
 from src.errors import reported_errors
 from src.models.peft.registry import PARTS, NoOpStart, Part
 
-METHOD_DIR = CONFIG_DIR / "peft"
 PART_WORDS: dict[Part, str] = {
     "vision_layers": "modules in vision layers", "text_layers": "modules in text layers",
     "text_merge": "text-prior merge", "vision_weights": "vision weights", "text_weights": "text weights",
@@ -43,11 +42,6 @@ class MethodFacts:
     uses_prior: bool
     rank: int | None
     about: str  # the file's leading comment, as one line
-
-
-def method_names() -> list[str]:
-    """Every method config of the suite, by name."""
-    return sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))
 
 
 def varies(name: str) -> str | None:
