@@ -233,6 +233,37 @@ def test_the_comparison_figure_draws_means_and_differences(mixed: Path, tmp_path
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
 
 
+def in_mode(lines: list[dict], mode: str) -> list[dict]:
+    """The lines as runs of `model.mode=<mode>` (the setting in their recipe, which their fingerprint follows)."""
+    for row in lines:
+        row["recipe_settings"]["model.mode"] = row["mode"] = mode
+        row["recipe"] = results_table.recipe_id(row["recipe_settings"])
+        row["output_dir"] += f"-{mode}"  # another run (the table keeps one line per run folder)
+    return lines
+
+
+def test_official_and_clean_mode_are_told_apart_in_the_statistics_and_figures(tmp_path: Path):
+    """Official-mode runs beside clean ones (what the official quirks cost): the statistics table and the figures
+    name the mode, which the main table shows as a column of its own; a clean group's recipe is their reference."""
+    write(tmp_path, in_mode(recorded("frozen", 0.45) + recorded("mapper", 0.60, rank=32), "clean")
+          + in_mode(recorded("mapper", 0.45, rank=32), "official"))
+    runs, entries, _ = results_table.load_runs([tmp_path])
+    stats = Statistics(entries, runs)
+    clean = next(e for e in entries if e["method"] == "mapper" and e["mode"] == "clean")
+    names, rows = stats.table(["frozen", "mapper", clean["recipe"]])
+    official = next(r for r in rows if r.entry["mode"] == "official")
+    assert official.differences["frozen"] == "-" and official.differences["mapper"] == "reference"
+    cost = official.differences[clean["recipe"]]
+    assert cost.resolved and cost.value == pytest.approx(-0.15, abs=0.03)
+
+    markdown = statistics.format_statistics(names, rows)
+    assert "| benchmark | split | kind | recipe | method | rank | model.mode | seeds |" in markdown
+    assert sum("| mapper | 32 | official |" in r for r in markdown.splitlines()) == 1
+    assert {p.series for p in figures.rank_points(stats, "synthetic", "test")} == {
+        "mapper, mode=clean", "mapper, mode=official"}
+    assert "| mapper | 32 | clean |" in results_table.format_table(entries)  # the main table's own mode column
+
+
 def test_the_shipped_rank_is_the_method_configs_own_or_inherited():
     from src.config import shipped_rank
 

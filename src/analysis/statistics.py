@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from src.analysis.samples import read_hits
-from src.analysis.table import flatten, recipe_differences, setting_cell, split_names
+from src.analysis.table import IDENTITY_SETTINGS, flatten, recipe_differences, setting_cell, split_names
 from src.config import shipped_rank
 from src.errors import ConfigError
 
@@ -361,7 +361,7 @@ def format_statistics(names: Sequence[str], rows: Sequence[Row], fmt: str = "mar
     """The statistics table as markdown (cells as `estimate_cell`) or CSV (plain numbers: `acc50`, `acc50_low`,
     `acc50_high`, and per reference `vs_<name>`, `_low`, `_high`, `_resolved`, `_pairs`, `_method`)."""
     entries = list({id(r.entry): r.entry for r in rows}.values())
-    differing = recipe_differences(entries)
+    differing = recipe_differences(entries, IDENTITY_SETTINGS)
     header = ["benchmark", "split", "kind", "recipe", "method", "rank", *differing]
     if fmt == "csv":
         buf = io.StringIO()

@@ -442,11 +442,13 @@ def summarise(rows: Sequence[Mapping[str, Any]], include: Iterable[str] = SHOWN_
 
 # Recipe settings the table shows as columns already (benchmark, mode, method, rank).
 SHOWN_SETTINGS = ("data.dataset", "data.mode", "model.mode", "peft._target_", "peft.method", "peft.rank")
+# Those the statistics table and the figures show (they have no mode column): the mode is named where it differs.
+IDENTITY_SETTINGS = tuple(k for k in SHOWN_SETTINGS if k != "model.mode")
 
 
-def recipe_differences(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+def recipe_differences(entries: Sequence[Mapping[str, Any]], shown: Sequence[str] = SHOWN_SETTINGS) -> list[str]:
     """The recipe settings whose values differ between the entries (known recipes only), except those
-    the table shows already; a method's own settings (`peft.*`) only where they differ within a method."""
+    shown already (`shown`); a method's own settings (`peft.*`) only where they differ within a method."""
     known = [e for e in entries if e.get("recipe_settings") is not None]
     keys = sorted({k for e in known for k in e["recipe_settings"]})
 
@@ -458,7 +460,7 @@ def recipe_differences(entries: Sequence[Mapping[str, Any]]) -> list[str]:
         methods.setdefault(str(e["method"]), []).append(e)
     out = []
     for key in keys:
-        if key in SHOWN_SETTINGS:
+        if key in shown:
             continue
         if key.startswith("peft."):
             if any(len(values(group, key)) > 1 for group in methods.values()):
