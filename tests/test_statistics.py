@@ -243,8 +243,9 @@ def in_mode(lines: list[dict], mode: str) -> list[dict]:
 
 
 def test_official_and_clean_mode_are_told_apart_in_the_statistics_and_figures(tmp_path: Path):
-    """Official-mode runs beside clean ones (what the official quirks cost): the statistics table and the figures
-    name the mode, which the main table shows as a column of its own; a clean group's recipe is their reference."""
+    """Official-mode runs beside clean ones (what the official quirks cost): the statistics table names the mode
+    where it differs and the figures' labels an official one (the main table has a mode column of its own); a clean
+    group's recipe fingerprint makes it their reference."""
     write(tmp_path, in_mode(recorded("frozen", 0.45) + recorded("mapper", 0.60, rank=32), "clean")
           + in_mode(recorded("mapper", 0.45, rank=32), "official"))
     runs, entries, _ = results_table.load_runs([tmp_path])
@@ -259,8 +260,7 @@ def test_official_and_clean_mode_are_told_apart_in_the_statistics_and_figures(tm
     markdown = statistics.format_statistics(names, rows)
     assert "| benchmark | split | kind | recipe | method | rank | model.mode | seeds |" in markdown
     assert sum("| mapper | 32 | official |" in r for r in markdown.splitlines()) == 1
-    assert {p.series for p in figures.rank_points(stats, "synthetic", "test")} == {
-        "mapper, mode=clean", "mapper, mode=official"}
+    assert {p.series for p in figures.rank_points(stats, "synthetic", "test")} == {"mapper", "mapper [official]"}
     assert "| mapper | 32 | clean |" in results_table.format_table(entries)  # the main table's own mode column
 
 

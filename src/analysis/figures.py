@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from src.analysis.statistics import Estimate, Row, Statistics
-from src.analysis.table import IDENTITY_SETTINGS, recipe_differences, setting_cell, split_names
+from src.analysis.table import recipe_differences, setting_cell, split_names
 from src.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -51,12 +51,15 @@ def default_split(entries: Sequence[Mapping[str, Any]]) -> str | None:
 
 
 def entry_label(entry: Mapping[str, Any], differing: Sequence[str], rank: bool = True) -> str:
-    """Method, rank, kind when not a training run, and the recipe settings that tell the groups apart."""
+    """Method, rank, kind when not a training run, mode when not clean, and the recipe settings that tell the
+    groups apart."""
     text = str(entry["method"])
     if rank and entry.get("rank") is not None:
         text += f" r={int(entry['rank'])}"
     if entry["kind"] != "training":
         text += f" [{entry['kind']}]"
+    if entry.get("mode") not in (None, "clean"):
+        text += f" [{entry['mode']}]"
     return text + "".join(f", {k.rsplit('.', 1)[-1]}={setting_cell(entry, k)}" for k in differing)
 
 
@@ -64,7 +67,7 @@ def rank_points(stats: Statistics, benchmark: str, split: str,
                 methods: Sequence[str] = RANK_METHODS) -> list[Point]:
     """The groups of `methods` on `benchmark` with an Acc@0.5 on `split`, ordered by series and parameters."""
     entries = [e for e in stats.entries if e["benchmark"] == benchmark and e["method"] in methods]
-    differing = recipe_differences(entries, IDENTITY_SETTINGS)
+    differing = recipe_differences(entries)
     points = []
     for entry in entries:
         acc = stats.mean(entry, split)
@@ -146,7 +149,7 @@ def comparison_figure(names: Sequence[str], rows: Sequence[Row]) -> Figure:
     (a panel each; filled: resolved, the interval excludes 0), one line per row."""
     import matplotlib.pyplot as plt
 
-    differing = recipe_differences(list({id(r.entry): r.entry for r in rows}.values()), IDENTITY_SETTINGS)
+    differing = recipe_differences(list({id(r.entry): r.entry for r in rows}.values()))
     labels = [f"{entry_label(r.entry, differing)} ({r.split})" for r in rows]
     ys = list(range(len(rows)))[::-1]
     fig, axes = plt.subplots(1, 1 + len(names), figsize=(5 + 4 * len(names), 1.5 + 0.35 * len(rows)), sharey=True,

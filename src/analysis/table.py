@@ -442,7 +442,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], include: Iterable[str] = SHOWN_
 
 # Recipe settings the table shows as columns already (benchmark, mode, method, rank).
 SHOWN_SETTINGS = ("data.dataset", "data.mode", "model.mode", "peft._target_", "peft.method", "peft.rank")
-# Those the statistics table and the figures show (they have no mode column): the mode is named where it differs.
+# Those the statistics table shows (it has no mode column of its own: it names the mode where it differs).
 IDENTITY_SETTINGS = tuple(k for k in SHOWN_SETTINGS if k != "model.mode")
 
 
