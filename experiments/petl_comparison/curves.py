@@ -3,12 +3,12 @@
     python experiments/petl_comparison/curves.py [RUN_FOLDER...] [--from CSV...] [--csv OUT]
 
 Every run folder (`hydra.run.dir`, or a sweep's numbered folders; searched recursively) holds its Hydra
-config (`.hydra/config.yaml`: method, rank, mode, seed) and its CSV log (`csv/metrics.csv`: val Acc@0.5 per
-epoch); `--from` adds the curves of a CSV this script wrote before (the committed `val_curves.csv`, whose
-run folders are gone; lines without a mode are clean mode's). The CSV gets one line per run and epoch; the
-printed table, per method, rank and mode, the best epoch and the rise of val Acc@0.5 over the last ten epochs
-(mean of the last five minus mean of the five before the last ten): near zero where a curve is flat, so
-"trained to convergence" is a measured statement.
+config (`.hydra/config.yaml`: method, rank, mode, quirks set, seed) and its CSV log (`csv/metrics.csv`: val
+Acc@0.5 per epoch); `--from` adds the curves of a CSV this script wrote before (the committed
+`val_curves.csv`, whose run folders are gone; lines without a mode are clean mode's). The CSV gets one line
+per run and epoch; the printed table, per method, rank, mode and quirks set, the best epoch and the rise of
+val Acc@0.5 over the last ten epochs (mean of the last five minus mean of the five before the last ten): near
+zero where a curve is flat, so "trained to convergence" is a measured statement.
 """
 
 from __future__ import annotations
@@ -23,26 +23,31 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-FIELDS = ("method", "rank", "mode", "seed", "epoch", "val_acc50")
+FIELDS = ("method", "rank", "mode", "quirks", "seed", "epoch", "val_acc50")
 
 
 def run_curve(folder: Path) -> list[dict]:
-    """One run's val Acc@0.5 per epoch, with the run's method, rank (empty for methods without one), mode and
-    seed."""
+    """One run's val Acc@0.5 per epoch, with the run's method, rank (empty for methods without one), mode, the
+    official quirks it set against its mode (`model.quirks.<name>`, e.g. `unit_normal_fusion_positions=true`)
+    and seed."""
     cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
     method, rank, seed = cfg.peft.name, cfg.peft.get("rank"), cfg.seed
-    mode = cfg.get("model", {}).get("mode", "clean")
+    model = cfg.get("model", {})
+    mode = model.get("mode", "clean")
+    quirks = " ".join(f"{name}={str(value).lower()}" for name, value in sorted((model.get("quirks") or {}).items())
+                      if value is not None)
     with (folder / "csv" / "metrics.csv").open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("val/acc50")]
-    return [dict(method=method, rank="" if rank is None else rank, mode=mode, seed=seed, epoch=int(r["epoch"]),
-                 val_acc50=round(float(r["val/acc50"]), 4)) for r in rows]
+    return [dict(method=method, rank="" if rank is None else rank, mode=mode, quirks=quirks, seed=seed,
+                 epoch=int(r["epoch"]), val_acc50=round(float(r["val/acc50"]), 4)) for r in rows]
 
 
 def read_curves(path: Path) -> list[dict]:
-    """The lines of a CSV written by `--csv` (numbers as numbers; no mode column: clean mode)."""
+    """The lines of a CSV written by `--csv` (numbers as numbers; no mode column: clean mode, no quirk set)."""
     with path.open(newline="") as f:
         return [dict(method=r["method"], rank=int(r["rank"]) if r["rank"] else "", mode=r.get("mode") or "clean",
-                     seed=int(r["seed"]), epoch=int(r["epoch"]), val_acc50=float(r["val_acc50"]))
+                     quirks=r.get("quirks") or "", seed=int(r["seed"]), epoch=int(r["epoch"]),
+                     val_acc50=float(r["val_acc50"]))
                 for r in csv.DictReader(f)]
 
 
@@ -63,19 +68,20 @@ def late_rise(values: list[float], window: int = 5) -> float:
 
 
 def summary(lines: list[dict]) -> str:
-    """Per method, rank and mode: runs, best epoch (mean, range) and the late rise (mean, max over its runs)."""
+    """Per method, rank, mode and quirks set: runs, best epoch (mean, range) and the late rise (mean, max over its
+    runs)."""
     curves: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for line in sorted(lines, key=lambda r: r["epoch"]):
-        curves[(line["method"], line["rank"], line["mode"])][line["seed"]].append(line["val_acc50"])
-    out = ["| method | rank | mode | runs | epochs | best epoch (mean, range) | val rise, last 10 epochs (mean, max) |",
-           "|---|---:|---|---:|---:|---|---|"]
-    for (method, rank, mode), seeds in sorted(curves.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2])):
+        curves[(line["method"], line["rank"], line["mode"], line["quirks"])][line["seed"]].append(line["val_acc50"])
+    out = ["| method | rank | mode | quirks set | runs | epochs | best epoch (mean, range) "
+           "| val rise, last 10 epochs (mean, max) |", "|---|---:|---|---|---:|---:|---|---|"]
+    for (method, rank, mode, quirks), seeds in sorted(curves.items(), key=lambda kv: tuple(map(str, kv[0]))):
         best = [max(range(len(v)), key=v.__getitem__) for v in seeds.values()]
         rises = [late_rise(v) for v in seeds.values() if len(v) >= 20]
         epochs = max(len(v) for v in seeds.values())
         rise = f"{statistics.fmean(rises):+.3f}, {max(rises):+.3f}" if rises else "-"
-        out.append(f"| {method} | {rank or '-'} | {mode} | {len(seeds)} | {epochs} | {statistics.fmean(best):.1f} "
-                   f"({min(best)}-{max(best)}) | {rise} |")
+        out.append(f"| {method} | {rank or '-'} | {mode} | {quirks or '-'} | {len(seeds)} | {epochs} "
+                   f"| {statistics.fmean(best):.1f} ({min(best)}-{max(best)}) | {rise} |")
     return "\n".join(out)
 
 
@@ -93,19 +99,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no run folder with .hydra/config.yaml and csv/metrics.csv under {', '.join(map(str, args.folders))}",
               file=sys.stderr)
         return 1
-    runs = [(r["method"], r["rank"], r["mode"], r["seed"]) for r in lines if r["epoch"] == 0]
+    runs = [(r["method"], r["rank"], r["mode"], r["quirks"], r["seed"]) for r in lines if r["epoch"] == 0]
     twice = sorted({run for run in runs if runs.count(run) > 1}, key=str)
     if twice:
-        method, rank, mode, seed = twice[0]
-        print(f"{method} rank {rank or '-'} mode {mode} seed {seed} comes twice (two run folders, or a run folder "
-              "and --from): give each run once", file=sys.stderr)
+        method, rank, mode, quirks, seed = twice[0]
+        print(f"{method} rank {rank or '-'} mode {mode}{' ' + quirks if quirks else ''} seed {seed} comes twice "
+              "(two run folders, or a run folder and --from): give each run once", file=sys.stderr)
         return 1
     if args.csv:
         with args.csv.open("w", newline="") as f:
             writer = csv.DictWriter(f, FIELDS)
             writer.writeheader()
-            writer.writerows(sorted(lines, key=lambda r: (r["method"], str(r["rank"]), r["mode"], r["seed"],
-                                                          r["epoch"])))
+            writer.writerows(sorted(lines, key=lambda r: (r["method"], str(r["rank"]), r["mode"], r["quirks"],
+                                                          r["seed"], r["epoch"])))
     print(summary(lines))
     return 0
 
