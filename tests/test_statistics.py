@@ -246,11 +246,16 @@ def test_official_and_clean_mode_are_told_apart_in_the_statistics_and_figures(tm
     """Official-mode runs beside clean ones (what the official quirks cost): the statistics table names the mode
     where it differs and the figures' labels an official one (the main table has a mode column of its own); a clean
     group's recipe fingerprint makes it their reference."""
+    quirk = in_mode(recorded("mapper", 0.50, rank=32), "clean")
+    for row in quirk:  # one official quirk alone in clean mode
+        row["recipe_settings"]["model.quirks.additive_fusion_mask"] = True
+        row["recipe"], row["output_dir"] = results_table.recipe_id(row["recipe_settings"]), row["output_dir"] + "-quirk"
     write(tmp_path, in_mode(recorded("frozen", 0.45) + recorded("mapper", 0.60, rank=32), "clean")
-          + in_mode(recorded("mapper", 0.45, rank=32), "official"))
+          + in_mode(recorded("mapper", 0.45, rank=32), "official") + quirk)
     runs, entries, _ = results_table.load_runs([tmp_path])
     stats = Statistics(entries, runs)
-    clean = next(e for e in entries if e["method"] == "mapper" and e["mode"] == "clean")
+    clean = next(e for e in entries if e["method"] == "mapper" and e["mode"] == "clean"
+                 and "model.quirks.additive_fusion_mask" not in e["recipe_settings"])
     names, rows = stats.table(["frozen", "mapper", clean["recipe"]])
     official = next(r for r in rows if r.entry["mode"] == "official")
     assert official.differences["frozen"] == "-" and official.differences["mapper"] == "reference"
@@ -258,9 +263,14 @@ def test_official_and_clean_mode_are_told_apart_in_the_statistics_and_figures(tm
     assert cost.resolved and cost.value == pytest.approx(-0.15, abs=0.03)
 
     markdown = statistics.format_statistics(names, rows)
-    assert "| benchmark | split | kind | recipe | method | rank | model.mode | seeds |" in markdown
+    assert ("| benchmark | split | kind | recipe | method | rank | model.mode | model.quirks.additive_fusion_mask "
+            "| seeds |") in markdown
     assert sum("| mapper | 32 | official |" in r for r in markdown.splitlines()) == 1
-    assert {p.series for p in figures.rank_points(stats, "synthetic", "test")} == {"mapper", "mapper [official]"}
+    # labels name the mode when official, and a setting only where it differs within the method and mode
+    assert {p.series for p in figures.rank_points(stats, "synthetic", "test")} == {
+        "mapper [official]", "mapper, additive_fusion_mask=-", "mapper, additive_fusion_mask=True"}
+    frozen = next(e for e in entries if e["method"] == "frozen")
+    assert figures.label_settings(entries)[id(frozen)] == []
     assert "| mapper | 32 | clean |" in results_table.format_table(entries)  # the main table's own mode column
 
 

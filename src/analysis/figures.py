@@ -63,17 +63,29 @@ def entry_label(entry: Mapping[str, Any], differing: Sequence[str], rank: bool =
     return text + "".join(f", {k.rsplit('.', 1)[-1]}={setting_cell(entry, k)}" for k in differing)
 
 
+def label_settings(entries: Sequence[Mapping[str, Any]]) -> dict[int, list[str]]:
+    """Per entry (by id), the recipe settings its label names: those that differ between groups of its own method
+    and mode (a quirk set on one MaPPER group), not those that follow the mode (an official group's backbones)."""
+    keys = recipe_differences(entries)
+    peers: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for e in entries:
+        peers.setdefault((str(e["method"]), str(e.get("mode"))), []).append(e)
+    varying = {group: [k for k in keys if len({setting_cell(e, k) for e in members}) > 1]
+               for group, members in peers.items()}
+    return {id(e): varying[(str(e["method"]), str(e.get("mode")))] for e in entries}
+
+
 def rank_points(stats: Statistics, benchmark: str, split: str,
                 methods: Sequence[str] = RANK_METHODS) -> list[Point]:
     """The groups of `methods` on `benchmark` with an Acc@0.5 on `split`, ordered by series and parameters."""
     entries = [e for e in stats.entries if e["benchmark"] == benchmark and e["method"] in methods]
-    differing = recipe_differences(entries)
+    labels = label_settings(entries)
     points = []
     for entry in entries:
         acc = stats.mean(entry, split)
         if acc is not None:
-            points.append(Point(entry_label(entry, differing, rank=False), str(entry["method"]), entry.get("rank"),
-                                float(entry.get("tunable_backbone", 0.0)), acc))
+            points.append(Point(entry_label(entry, labels[id(entry)], rank=False), str(entry["method"]),
+                                entry.get("rank"), float(entry.get("tunable_backbone", 0.0)), acc))
     return sorted(points, key=lambda p: (p.series, p.params))
 
 
@@ -149,8 +161,8 @@ def comparison_figure(names: Sequence[str], rows: Sequence[Row]) -> Figure:
     (a panel each; filled: resolved, the interval excludes 0), one line per row."""
     import matplotlib.pyplot as plt
 
-    differing = recipe_differences(list({id(r.entry): r.entry for r in rows}.values()))
-    labels = [f"{entry_label(r.entry, differing)} ({r.split})" for r in rows]
+    settings = label_settings(list({id(r.entry): r.entry for r in rows}.values()))
+    labels = [f"{entry_label(r.entry, settings[id(r.entry)])} ({r.split})" for r in rows]
     ys = list(range(len(rows)))[::-1]
     fig, axes = plt.subplots(1, 1 + len(names), figsize=(5 + 4 * len(names), 1.5 + 0.35 * len(rows)), sharey=True,
                              squeeze=False)
