@@ -17,7 +17,7 @@ import argparse
 import csv
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no run folder with .hydra/config.yaml and csv/metrics.csv under {', '.join(map(str, args.folders))}",
               file=sys.stderr)
         return 1
-    runs = [(r["method"], r["rank"], r["mode"], r["quirks"], r["seed"]) for r in lines if r["epoch"] == 0]
-    twice = sorted({run for run in runs if runs.count(run) > 1}, key=str)
+    runs = Counter((r["method"], r["rank"], r["mode"], r["quirks"], r["seed"]) for r in lines if r["epoch"] == 0)
+    twice = sorted((run for run, count in runs.items() if count > 1), key=str)
     if twice:
         method, rank, mode, quirks, seed = twice[0]
         print(f"{method} rank {rank or '-'} mode {mode}{' ' + quirks if quirks else ''} seed {seed} comes twice "

@@ -66,12 +66,10 @@ def entry_label(entry: Mapping[str, Any], differing: Sequence[str], rank: bool =
 def label_settings(entries: Sequence[Mapping[str, Any]]) -> dict[int, list[str]]:
     """Per entry (by id), the recipe settings its label names: those that differ between groups of its own method
     and mode (a quirk set on one MaPPER group), not those that follow the mode (an official group's backbones)."""
-    keys = recipe_differences(entries)
     peers: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for e in entries:
         peers.setdefault((str(e["method"]), str(e.get("mode"))), []).append(e)
-    varying = {group: [k for k in keys if len({setting_cell(e, k) for e in members}) > 1]
-               for group, members in peers.items()}
+    varying = {group: recipe_differences(members) for group, members in peers.items()}
     return {id(e): varying[(str(e["method"]), str(e.get("mode")))] for e in entries}
 
 
